@@ -1,0 +1,1 @@
+"""Serving stage: gRPC inference over a model repository; needs no TensorFlow unless asked."""
