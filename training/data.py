@@ -158,29 +158,36 @@ def _check_classes(folder: Path, class_names: list[str], by_class: dict[str, lis
         raise ImgclsError(f"class folder(s) with no image files in {folder}: {', '.join(empty)}")
 
 
-def load_images(
-    dataset: Dataset, spec: PreprocessingSpec, *, workers: int | None = None, progress: bool = True
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Decode and resize every split to uint8 arrays; undecodable files are dropped and recorded.
-
-    Returns {split: (images uint8 [N,H,W,3], labels int64 [N])}. Raises if a class loses every
-    training image to decode errors.
-    """
+def decode_files(root: Path, files: list[str], spec: PreprocessingSpec, *, workers: int | None = None,
+                 progress: bool = True) -> list[np.ndarray | str]:
+    """Decode and resize files in a thread pool: a uint8 array per file, or the reason it failed."""
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
-    jobs = [(name, rel, label) for name in SPLITS
-            for rel, label in zip(dataset.splits[name].files, dataset.splits[name].labels, strict=True)]
 
-    def work(job: tuple[str, str, int]) -> np.ndarray | str:
+    def work(rel: str) -> np.ndarray | str:
         try:
-            return load_uint8((dataset.root / job[1]).read_bytes(), spec)
+            return load_uint8((root / rel).read_bytes(), spec)
         except ImageDecodeError as exc:
             return str(exc)
         except OSError as exc:
             return f"unreadable ({exc.strerror or exc})"
 
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(work, jobs), total=len(jobs), desc="decoding images", unit="img",
-                            disable=not progress, leave=False))
+        return list(tqdm(pool.map(work, files), total=len(files), desc="decoding images", unit="img",
+                         disable=not progress, leave=False))
+
+
+def load_images(
+    dataset: Dataset, spec: PreprocessingSpec, *, workers: int | None = None, progress: bool = True,
+    require_train: bool = True,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decode and resize every split to uint8 arrays; undecodable files are dropped and recorded.
+
+    Returns {split: (images uint8 [N,H,W,3], labels int64 [N])}. Raises if a class loses every
+    training image to decode errors (unless `require_train` is off, as for evaluation).
+    """
+    jobs = [(name, rel, label) for name in SPLITS
+            for rel, label in zip(dataset.splits[name].files, dataset.splits[name].labels, strict=True)]
+    results = decode_files(dataset.root, [rel for _, rel, _ in jobs], spec, workers=workers, progress=progress)
 
     kept: dict[str, Split] = {name: Split() for name in SPLITS}
     arrays: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
@@ -193,10 +200,10 @@ def load_images(
         arrays[name].append(result)
     dataset.splits = kept
 
-    train_counts = kept["train"].counts(dataset.class_names)
-    empty = [c for c, n in train_counts.items() if n == 0]
-    if empty:
-        raise ImgclsError(f"class(es) with no valid training image after skipping bad files: {', '.join(empty)}")
+    if require_train:
+        empty = [c for c, n in kept["train"].counts(dataset.class_names).items() if n == 0]
+        if empty:
+            raise ImgclsError(f"class(es) with no valid training image after skipping bad files: {', '.join(empty)}")
     h, w = spec.input_size
     return {
         name: (

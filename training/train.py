@@ -1,0 +1,336 @@
+"""`imgcls train`: scan, (cache features,) train the head, optionally fine-tune, evaluate, write a bundle.
+
+The bundle is assembled in `OUT.partial/` and renamed to `OUT` only when complete, so a crash never
+leaves something that looks like a finished bundle, and checkpoints/logs of a failed run stay there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from imgcls import __version__
+from imgcls.backbones import get_backbone
+from imgcls.errors import ImgclsError
+from imgcls.manifest import Manifest, write_manifest
+from imgcls.preprocessing import PreprocessingSpec, normalize
+from imgcls.training import data as data_mod
+from imgcls.training import model as model_mod
+from imgcls.training import plots
+from imgcls.training.evaluate import evaluation_report, format_report
+
+log = logging.getLogger(__name__)
+FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    data: Path | None = None  # None: the flower_photos dataset via the Keras cache
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    input_size: int | None = None  # None: the backbone's own
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    dropout: float = 0.2
+    hidden_units: int = 0
+    label_smoothing: float = 0.0
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    class_weights: bool = False
+    augment: bool = False  # phase 1 on augmented pixels (no feature cache)
+    cache_features: bool = True  # phase 1 on features computed once (only without augmentation)
+    flip_features: bool = True  # also cache features of mirrored training images
+    fine_tune_layers: int = 0  # phase 2 off unless > 0
+    fine_tune_epochs: int = 10
+    fine_tune_lr: float = 1e-5
+    fine_tune_augment: bool = True
+    patience: int = 4
+    overwrite: bool = False
+    progress: bool = True
+
+
+def flowers_dir() -> Path:
+    """The flower_photos folder: from the Keras cache when present, else via Keras' get_file download."""
+    cached = model_mod.keras_cache_dir() / "datasets" / "flower_photos"
+    if cached.is_dir():
+        return cached
+    import tf_keras
+
+    try:  # get_file(untar=True) looks for the .tar.gz first, so the folder check above comes first
+        return Path(tf_keras.utils.get_file("flower_photos", origin=FLOWERS_URL, untar=True))
+    except Exception as exc:
+        raise ImgclsError(
+            f"no --data given and the flower_photos dataset is not in the Keras cache ({cached}) "
+            f"and could not be downloaded ({str(exc).splitlines()[0][:160]}). Copy it there "
+            "(make keras-cache does it from ../shared/keras-cache) or pass --data DIR"
+        ) from None
+
+
+class _PixelBatches:
+    """Shuffled batches of uint8 pixels as float32 0..255 (augmentation and normalization run in-graph)."""
+
+    def __new__(cls, *args, **kwargs):
+        import tf_keras
+
+        class Seq(tf_keras.utils.Sequence):
+            def __init__(self, x, y, batch_size, shuffle, seed):
+                super().__init__()
+                self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+                self.rng = np.random.default_rng(seed)
+                self.order = np.arange(len(x))
+                if shuffle:
+                    self.rng.shuffle(self.order)
+
+            def __len__(self):
+                return int(np.ceil(len(self.x) / self.batch_size))
+
+            def __getitem__(self, i):
+                idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+                return self.x[idx].astype(np.float32), self.y[idx]
+
+            def on_epoch_end(self):
+                if self.shuffle:
+                    self.rng.shuffle(self.order)
+
+        return Seq(*args, **kwargs)
+
+
+def _one_hot(y: np.ndarray, c: int) -> np.ndarray:
+    return np.eye(c, dtype=np.float32)[y]
+
+
+def _callbacks(work: Path, phase: str, patience: int, monitor_model):
+    import tf_keras
+
+    (work / "checkpoints").mkdir(exist_ok=True)
+    return [
+        tf_keras.callbacks.ModelCheckpoint(
+            str(work / "checkpoints" / f"{phase}_best.weights.h5"), monitor="val_loss",
+            save_best_only=True, save_weights_only=True,
+        ),
+        tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+        tf_keras.callbacks.CSVLogger(str(work / f"history_{phase}.csv")),
+        tf_keras.callbacks.TensorBoard(log_dir=str(work / "logs" / phase), histogram_freq=0, write_graph=False,
+                                       profile_batch=0),
+    ]
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import tensorflow as tf
+    import tf_keras
+
+    return {"imgcls": __version__, "python": sys.version.split()[0], "tensorflow": tf.__version__,
+            "tf_keras": tf_keras.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def _save_saved_model(inference, path: Path, spec: PreprocessingSpec) -> None:
+    import tensorflow as tf
+
+    h, w = spec.input_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name=model_mod.INPUT_NAME)])
+    def serve(images):
+        return {model_mod.OUTPUT_NAME: inference(images, training=False)}
+
+    tf.saved_model.save(inference, str(path), signatures={"serving_default": serve})
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole job; returns the summary (also in the bundle's manifest)."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    if (out / "manifest.json").exists() and not cfg.overwrite:
+        raise ImgclsError(f"{out} already holds a model bundle; pass --overwrite or choose another --out")
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise ImgclsError(f"{out} exists and is not an imgcls bundle; refusing to write into it")
+    backbone = get_backbone(cfg.backbone)
+    size = cfg.input_size or backbone.input_size
+    if size < backbone.min_input_size:
+        raise ImgclsError(f"{backbone.name} needs --input-size of at least {backbone.min_input_size}")
+    if cfg.epochs < 1:
+        raise ImgclsError("--epochs must be at least 1")
+    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        raise ImgclsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file)")
+    spec = backbone.preprocessing(size)
+    data_root = Path(cfg.data) if cfg.data else flowers_dir()
+
+    # 1. Scan and decode everything first: bad files are listed now, never a crash mid-epoch.
+    dataset = data_mod.scan(data_root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                            seed=cfg.seed)
+    arrays = data_mod.load_images(dataset, spec, progress=cfg.progress)
+    names = dataset.class_names
+    c = len(names)
+    _print_counts(dataset)
+    if len(dataset.splits["val"]) == 0:
+        raise ImgclsError("the validation split is empty; add images or raise --val-fraction")
+
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(cfg.seed)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    models = model_mod.build_models(backbone, size, c, weights=cfg.weights, dropout=cfg.dropout,
+                                    hidden_units=cfg.hidden_units)
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = arrays["train"], arrays["val"], arrays["test"]
+    cw = data_mod.class_weights(y_tr, c) if cfg.class_weights else None
+    loss = tf_keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    history: list[tuple[str, dict]] = []
+    timings: dict[str, float] = {}
+
+    # 2. Phase 1: the head, base frozen.
+    t0 = time.perf_counter()
+    use_cache = cfg.cache_features and not cfg.augment
+    verbose = 2 if cfg.progress else 0
+    if use_cache:
+        extractor = model_mod.feature_extractor(models)
+        print(f"phase 1: computing {backbone.name} features once (cached-feature head training)", flush=True)
+        feats_tr = extractor.predict(normalize(x_tr, spec), batch_size=64, verbose=verbose)
+        labels_tr = y_tr
+        if cfg.flip_features:
+            flipped = extractor.predict(normalize(x_tr[:, :, ::-1], spec), batch_size=64, verbose=verbose)
+            feats_tr = np.concatenate([feats_tr, flipped])
+            labels_tr = np.concatenate([y_tr, y_tr])
+        feats_va = extractor.predict(normalize(x_va, spec), batch_size=64, verbose=0)
+        timings["feature_extraction_s"] = time.perf_counter() - t0
+        models.head.compile(tf_keras.optimizers.Adam(cfg.learning_rate), loss, metrics=["accuracy"])
+        print(f"phase 1: training the head on cached features ({len(feats_tr)} samples)", flush=True)
+        h = models.head.fit(
+            feats_tr, _one_hot(labels_tr, c), validation_data=(feats_va, _one_hot(y_va, c)),
+            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=2 if cfg.progress else 0,
+            callbacks=_callbacks(work, "phase1", cfg.patience, models.head), shuffle=True,
+        )
+    else:
+        augment = model_mod.augmentation(cfg.seed) if cfg.augment else None
+        trainer = model_mod.training_model(models, spec, augment)
+        trainer.compile(tf_keras.optimizers.Adam(cfg.learning_rate), loss, metrics=["accuracy"])
+        print("phase 1: training the head end to end" + (" with augmentation" if augment else ""), flush=True)
+        h = trainer.fit(
+            _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed),
+            validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
+            epochs=cfg.epochs, class_weight=cw, verbose=2 if cfg.progress else 0,
+            callbacks=_callbacks(work, "phase1", cfg.patience, trainer),
+        )
+    history.append(("head", h.history))
+    timings["phase1_s"] = time.perf_counter() - t0
+
+    # 3. Phase 2 (optional): unfreeze the top of the base, BatchNorm stays in inference mode.
+    unfrozen: list[str] = []
+    if cfg.fine_tune_layers > 0:
+        t1 = time.perf_counter()
+        unfrozen = model_mod.unfreeze_top(models, cfg.fine_tune_layers)
+        augment = model_mod.augmentation(cfg.seed + 10) if cfg.fine_tune_augment else None
+        trainer = model_mod.training_model(models, spec, augment)
+        trainer.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
+        print(f"phase 2: fine-tuning the top {cfg.fine_tune_layers} base layers ({len(unfrozen)} with weights) "
+              f"at learning rate {cfg.fine_tune_lr:g}", flush=True)
+        h2 = trainer.fit(
+            _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1),
+            validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
+            epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=2 if cfg.progress else 0,
+            callbacks=_callbacks(work, "phase2", cfg.patience, trainer),
+        )
+        history.append(("fine-tune", h2.history))
+        timings["phase2_s"] = time.perf_counter() - t1
+
+    # 4. Evaluate on the held-out test split with the inference model.
+    t2 = time.perf_counter()
+    probs = models.inference.predict(normalize(x_te, spec), batch_size=64, verbose=0) if len(x_te) else \
+        np.zeros((0, c), np.float32)
+    report = evaluation_report(y_te, probs, names, files=dataset.splits["test"].files)
+    timings["evaluation_s"] = time.perf_counter() - t2
+
+    # 5. Write the bundle.
+    _save_saved_model(models.inference, work / "saved_model", spec)
+    models.inference.save(str(work / "model.keras"))
+    (work / "plots").mkdir(exist_ok=True)
+    plots.learning_curves(history, work / "plots" / "learning_curves.png")
+    if len(x_te):
+        plots.confusion_matrix(report["confusion_matrix"], names, work / "plots" / "confusion_matrix.png",
+                               title=f"test split: accuracy {report['accuracy']:.1%}")
+        pred = probs.argmax(1)
+        plots.prediction_grid(x_te, y_te, pred, probs.max(1), names, work / "plots" / "test_predictions.png")
+    _write_history(history, work / "history.csv")
+    (work / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    split_doc = {"root": str(data_root.resolve()), "class_names": names,
+                 **{k: [[f, int(lab)] for f, lab in zip(s.files, s.labels, strict=True)]
+                    for k, s in dataset.splits.items()}}
+    (work / "split.json").write_text(json.dumps(split_doc) + "\n")
+    timings["total_s"] = time.perf_counter() - started
+
+    settings = asdict(cfg)
+    settings.update(out=str(cfg.out), data=str(data_root), input_size=size, feature_cache=use_cache,
+                    unfrozen_layers=unfrozen)
+    settings.pop("progress", None)
+    settings.pop("overwrite", None)
+    manifest = Manifest(
+        kind="bundle",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        backbone=backbone.name,
+        preprocessing=spec,
+        class_names=names,
+        model={"input_name": model_mod.INPUT_NAME, "output_name": model_mod.OUTPUT_NAME,
+               "saved_model": "saved_model", "signature": "serving_default", "keras_model": "model.keras",
+               "parameters": int(models.inference.count_params()), "feature_dim": models.feature_dim},
+        training=settings,
+        dataset={
+            "root": str(data_root.resolve()), "fingerprint": dataset.fingerprint(), "presplit": dataset.presplit,
+            "split_file": "split.json",
+            "counts": {k: s.counts(names) for k, s in dataset.splits.items()},
+            "skipped": [{"file": f, "reason": r} for f, r in dataset.skipped],
+        },
+        metrics={"test_accuracy": report["accuracy"], "test_top_k_accuracy": report["top_k_accuracy"],
+                 "top_k": report["top_k"], "test_macro_f1": report["macro_f1"],
+                 "test_images": report["num_images"], "timings": timings},
+        library_versions=_versions(),
+    )
+    write_manifest(work, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+
+    print("\n" + format_report(report))
+    print(f"\nbundle: {out}\nplots:  {out / 'plots'}\nwall time: {timings['total_s']:.1f} s")
+    return {"bundle": str(out), "test_accuracy": report["accuracy"], "timings": timings,
+            "skipped": len(dataset.skipped), "counts": manifest.dataset["counts"]}
+
+
+def _print_counts(dataset: data_mod.Dataset) -> None:
+    names = dataset.class_names
+    width = max(8, *(len(n) for n in names))
+    print(f"\ndata: {dataset.root} ({'pre-split' if dataset.presplit else 'split by imgcls'})")
+    print(f"{'class':<{width}} {'train':>6} {'val':>6} {'test':>6}")
+    counts = {k: s.counts(names) for k, s in dataset.splits.items()}
+    for n in names:
+        print(f"{n:<{width}} {counts['train'][n]:>6} {counts['val'][n]:>6} {counts['test'][n]:>6}")
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} file(s):")
+        for f, reason in dataset.skipped[:50]:
+            print(f"  {f}: {reason}")
+        if len(dataset.skipped) > 50:
+            print(f"  ... and {len(dataset.skipped) - 50} more (all listed in manifest.json)")
+    print(flush=True)
+
+
+def _write_history(history: list[tuple[str, dict]], path: Path) -> None:
+    keys = sorted({k for _, h in history for k in h})
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["phase", "epoch", *keys])
+        for phase, h in history:
+            for i in range(len(next(iter(h.values()), []))):
+                w.writerow([phase, i + 1, *(h[k][i] if k in h and i < len(h[k]) else "" for k in keys)])
