@@ -15,7 +15,8 @@ def synthetic_image(class_index: int, rng: np.random.Generator, size: int = 48) 
     arr = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
-    a, b = sorted(rng.integers(4, size - 4, 2))
+    margin = max(1, size // 8)
+    a, b = sorted(rng.integers(margin, size - margin - 4, 2))
     if class_index % 2:
         draw.ellipse((a, a, b + 4, b + 4), fill=(255, 255, 255))
     else:

@@ -137,8 +137,9 @@ def scan(
             files = [str(p.relative_to(root)) for p in by_class[cls]]
             rng.shuffle(files)
             n = len(files)
-            n_test = round(n * test_fraction) if n >= 3 else 0
-            n_val = round(n * val_fraction) if n >= 3 else 0
+            # Every split gets at least one image of each class that has three or more.
+            n_test = max(1, round(n * test_fraction)) if n >= 3 and test_fraction > 0 else 0
+            n_val = max(1, round(n * val_fraction)) if n >= 3 and val_fraction > 0 else 0
             parts = {"test": files[:n_test], "val": files[n_test:n_test + n_val], "train": files[n_test + n_val:]}
             for name, part in parts.items():
                 splits[name].files += part

@@ -170,29 +170,30 @@ def train(cfg: TrainConfig) -> dict:
     # 1. Scan and decode everything first: bad files are listed now, never a crash mid-epoch.
     dataset = data_mod.scan(data_root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                             seed=cfg.seed)
-    arrays = data_mod.load_images(dataset, spec, progress=cfg.progress)
     names = dataset.class_names
     c = len(names)
-    _print_counts(dataset)
     if len(dataset.splits["val"]) == 0:
         raise ImgclsError("the validation split is empty; add images or raise --val-fraction")
 
+    # 2. The model before decoding: a missing weights file fails in seconds, not after the decode.
     import tf_keras
 
     tf_keras.utils.set_random_seed(cfg.seed)
+    models = model_mod.build_models(backbone, size, c, weights=cfg.weights, dropout=cfg.dropout,
+                                    hidden_units=cfg.hidden_units)
+    arrays = data_mod.load_images(dataset, spec, progress=cfg.progress)
+    _print_counts(dataset)
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    models = model_mod.build_models(backbone, size, c, weights=cfg.weights, dropout=cfg.dropout,
-                                    hidden_units=cfg.hidden_units)
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = arrays["train"], arrays["val"], arrays["test"]
     cw = data_mod.class_weights(y_tr, c) if cfg.class_weights else None
     loss = tf_keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
     history: list[tuple[str, dict]] = []
     timings: dict[str, float] = {}
 
-    # 2. Phase 1: the head, base frozen.
+    # 3. Phase 1: the head, base frozen.
     t0 = time.perf_counter()
     use_cache = cfg.cache_features and not cfg.augment
     verbose = 2 if cfg.progress else 0
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
     history.append(("head", h.history))
     timings["phase1_s"] = time.perf_counter() - t0
 
-    # 3. Phase 2 (optional): unfreeze the top of the base, BatchNorm stays in inference mode.
+    # 4. Phase 2 (optional): unfreeze the top of the base, BatchNorm stays in inference mode.
     unfrozen: list[str] = []
     if cfg.fine_tune_layers > 0:
         t1 = time.perf_counter()
@@ -247,14 +248,14 @@ def train(cfg: TrainConfig) -> dict:
         history.append(("fine-tune", h2.history))
         timings["phase2_s"] = time.perf_counter() - t1
 
-    # 4. Evaluate on the held-out test split with the inference model.
+    # 5. Evaluate on the held-out test split with the inference model.
     t2 = time.perf_counter()
     probs = models.inference.predict(normalize(x_te, spec), batch_size=64, verbose=0) if len(x_te) else \
         np.zeros((0, c), np.float32)
     report = evaluation_report(y_te, probs, names, files=dataset.splits["test"].files)
     timings["evaluation_s"] = time.perf_counter() - t2
 
-    # 5. Write the bundle.
+    # 6. Write the bundle.
     _save_saved_model(models.inference, work / "saved_model", spec)
     models.inference.save(str(work / "model.keras"))
     (work / "plots").mkdir(exist_ok=True)

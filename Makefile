@@ -1,0 +1,38 @@
+# make demo: the main job end to end on the offline flower data. make test: the test suite.
+# Both create .venv and install the project on a fresh machine with no other step.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+RUNS ?= runs
+
+.PHONY: install keras-cache demo test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[train,export,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+keras-cache:
+	@bash scripts/keras_cache.sh
+
+demo: install keras-cache
+	$(BIN)/imgcls train --out $(RUNS)/flowers --overwrite
+	@echo
+	@echo "bundle: $(RUNS)/flowers   plots: $(RUNS)/flowers/plots   report: $(RUNS)/flowers/evaluation.json"
+
+test: install keras-cache
+	$(BIN)/pytest -q -ra
+
+test-fast: install keras-cache
+	$(BIN)/pytest -q -ra -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

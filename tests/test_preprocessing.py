@@ -1,0 +1,136 @@
+"""The shared preprocessing: every accepted image mode decodes to upright RGB; bad bytes fail clearly."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls.backbones import BACKBONES, get_backbone
+from imgcls.errors import ImageDecodeError, ImgclsError
+from imgcls.preprocessing import PreprocessingSpec, decode_image, load_uint8, normalize, preprocess_bytes
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+RED = (200, 30, 30)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_formats_decode_to_rgb(fmt):
+    data = encode(Image.new("RGB", (40, 30), RED), fmt)
+    img = decode_image(data)
+    assert img.mode == "RGB" and img.size == (40, 30)
+    px = np.asarray(img)[15, 20].astype(int)
+    assert np.abs(px - RED).max() < 40  # lossy formats and GIF palettes are close, not exact
+
+
+@pytest.mark.parametrize("mode,value,expected", [
+    ("L", 128, (128, 128, 128)),
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent becomes white
+    ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+    ("LA", (50, 255), (50, 50, 50)),
+    ("P", 3, None),
+])
+def test_modes_convert_to_rgb(mode, value, expected):
+    img = Image.new(mode, (8, 8), value)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = np.asarray(decode_image(encode(img, fmt)))
+    assert out.shape == (8, 8, 3)
+    if expected is not None:
+        assert np.abs(out[4, 4].astype(int) - expected).max() <= 3
+
+
+def test_16bit_grayscale_scaled_not_clipped():
+    arr = np.full((6, 6), 30000, dtype=np.uint16)
+    out = np.asarray(decode_image(encode(Image.fromarray(arr), "PNG")))
+    assert 100 < out[0, 0, 0] < 140  # 30000/65535*255 = 117, not clipped to 255
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (10, 10), (255, 0, 0)), Image.new("RGB", (10, 10), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = np.asarray(decode_image(buf.getvalue()))
+    assert out[5, 5, 0] > 200 and out[5, 5, 2] < 50
+
+
+def test_exif_orientation_is_honoured():
+    img = Image.new("RGB", (60, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 20))  # white stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (20, 60)
+    arr = np.asarray(out).mean(axis=2)
+    assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # the stripe is now on top
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty"),
+    (b"this is not an image", "not a decodable image"),
+])
+def test_bad_bytes(data, match):
+    with pytest.raises(ImageDecodeError, match=match):
+        decode_image(data)
+
+
+def test_truncated_jpeg():
+    data = encode(Image.effect_noise((200, 200), 60).convert("RGB"), "JPEG")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_and_size_limits():
+    data = encode(Image.new("RGB", (1000, 1000)), "PNG")
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        decode_image(data, max_pixels=500_000)
+    with pytest.raises(ImageDecodeError, match="bytes, over the limit"):
+        decode_image(data, max_bytes=100)
+
+
+def test_resize_and_normalize_shape_and_range():
+    spec = get_backbone("mobilenet_v2").preprocessing(64)
+    x = preprocess_bytes(encode(Image.new("RGB", (300, 200), (255, 0, 0)), "PNG"), spec)
+    assert x.shape == (64, 64, 3) and x.dtype == np.float32
+    assert np.allclose(x[0, 0], [1.0, -1.0, -1.0])
+
+
+def test_large_jpeg_draft_still_resizes_to_spec():
+    spec = get_backbone("resnet50").preprocessing()
+    data = encode(Image.effect_noise((2000, 1500), 50).convert("RGB"), "JPEG")
+    assert load_uint8(data, spec).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_spec_matches_keras_preprocess_input(name):
+    """Our normalization equals the Keras `preprocess_input` of each backbone's own module."""
+    import importlib
+
+    backbone = BACKBONES[name]
+    module = importlib.import_module(f"tf_keras.applications.{backbone.keras_module}")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.float32)
+    expected = np.asarray(module.preprocess_input(x.copy()))
+    ours = normalize(x.astype(np.uint8), backbone.preprocessing())
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="resize"):
+        PreprocessingSpec(input_size=(8, 8), resize="cubic-ish")
+    with pytest.raises(ValueError, match="channel_order"):
+        PreprocessingSpec(input_size=(8, 8), channel_order="GBR")
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ImgclsError, match="unknown backbone 'resnet9000'.*mobilenet_v2"):
+        get_backbone("resnet9000")
+    assert get_backbone("MobileNet-V2").name == "mobilenet_v2"

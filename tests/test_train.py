@@ -1,0 +1,193 @@
+"""The training stage end to end on tiny data: phases, bundle contents, evaluate, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_dataset
+
+from imgcls.backbones import get_backbone
+from imgcls.cli import main
+from imgcls.manifest import SCHEMA_VERSION, read_manifest
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (clean TF state, real exit code and stderr)."""
+    return subprocess.run([sys.executable, "-m", "imgcls.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- the bundle ---------------------------------------------------------------------------------
+
+def test_bundle_layout_and_manifest(tiny_bundle: Path, synthetic_data: Path):
+    for name in ("manifest.json", "labels.txt", "model.keras", "saved_model/saved_model.pb", "split.json",
+                 "evaluation.json", "history.csv", "history_phase1.csv", "checkpoints/phase1_best.weights.h5",
+                 "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/test_predictions.png"):
+        assert (tiny_bundle / name).exists(), name
+    assert any((tiny_bundle / "logs" / "phase1").rglob("events.out.tfevents.*"))
+    assert not tiny_bundle.with_name("tiny.partial").exists()
+    m = read_manifest(tiny_bundle)
+    assert m.schema_version == SCHEMA_VERSION and m.kind == "bundle"
+    assert m.backbone == "vgg16" and m.class_names == ["class_0", "class_1", "class_2"]
+    assert m.preprocessing == get_backbone("vgg16").preprocessing(32)
+    assert m.preprocessing.channel_order == "BGR"  # caffe-style, as Keras' vgg16.preprocess_input
+    assert m.training["epochs"] == 10 and m.training["seed"] == 1 and m.training["feature_cache"] is True
+    assert m.dataset["counts"]["test"] == {"class_0": 4, "class_1": 4, "class_2": 4}
+    assert len(m.dataset["fingerprint"]) == 64 and m.dataset["root"] == str(synthetic_data.resolve())
+    assert {"tensorflow", "tf_keras", "numpy", "pillow", "imgcls"} <= set(m.library_versions)
+    assert m.metrics["test_accuracy"] >= 0.9  # colours are easy: a real head learns them
+    assert (tiny_bundle / "labels.txt").read_text().split() == m.class_names
+    for png in (tiny_bundle / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_model_signature_has_dynamic_batch(tiny_bundle: Path):
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(tiny_bundle / "saved_model")).signatures["serving_default"]
+    spec = fn.structured_input_signature[1]["images"]
+    assert spec.shape.as_list() == [None, 32, 32, 3] and spec.dtype == tf.float32
+    out = fn(images=tf.zeros([5, 32, 32, 3]))["probabilities"].numpy()
+    assert out.shape == (5, 3) and np.allclose(out.sum(axis=1), 1, atol=1e-5)
+
+
+def test_evaluate_json_matches_training_report(tiny_bundle: Path, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tiny_bundle), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = read_manifest(tiny_bundle)
+    assert report["accuracy"] == pytest.approx(manifest.metrics["test_accuracy"])
+    assert 0 <= report["accuracy"] <= 1 and report["num_images"] == 12
+    assert set(report["per_class"]) == set(manifest.class_names)
+    assert np.asarray(report["confusion_matrix"]).sum() == 12
+
+
+def test_evaluate_on_other_folder_and_unknown_class(tiny_bundle: Path, tmp_path: Path, capsys):
+    other = make_dataset(tmp_path / "other", classes=3, per_class=5, seed=99)
+    assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(other), "--json",
+                 "--plots", str(tmp_path / "p")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["num_images"] == 15 and report["accuracy"] > 0.8
+    assert (tmp_path / "p" / "confusion_matrix.png").exists()
+    (other / "class_7").mkdir()
+    assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(other)]) == 2
+    assert "class_7" in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_a_bundle(tiny_bundle: Path, synthetic_data: Path, capsys):
+    before = (tiny_bundle / "manifest.json").read_bytes()
+    assert main(["train", "--data", str(synthetic_data), "--out", str(tiny_bundle), "--weights", "none"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tiny_bundle / "manifest.json").read_bytes() == before
+
+
+# --- phases -------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def small_models():
+    from imgcls.training import model as model_mod
+
+    # ResNet50: has BatchNorm and, unlike MobileNet at random init, activations that do not vanish,
+    # so a training step really moves the unfrozen weights.
+    return model_mod.build_models(get_backbone("resnet50"), 32, 3, weights="none")
+
+
+def test_phase1_only_head_is_trainable(small_models):
+    trainable = {w.name.split("/")[0] for w in small_models.inference.trainable_weights}
+    assert trainable == {"head_logits"}
+    assert not small_models.base.trainable
+
+
+def test_phase2_unfreezes_top_layers_and_keeps_batchnorm_in_inference_mode(small_models):
+    import tf_keras
+
+    from imgcls.training import model as model_mod
+
+    unfrozen = model_mod.unfreeze_top(small_models, 12)
+    layers = small_models.base.layers
+    bns = [lyr for lyr in layers if isinstance(lyr, tf_keras.layers.BatchNormalization)]
+    assert unfrozen and all(not bn.trainable for bn in bns)
+    assert all(not lyr.trainable for lyr in layers[:-12])
+    assert set(unfrozen) == {lyr.name for lyr in layers[-12:] if lyr.trainable and lyr.weights}
+
+    spec = get_backbone("resnet50").preprocessing(32)
+    trainer = model_mod.training_model(small_models, spec, model_mod.augmentation(0))
+    trainer.compile(tf_keras.optimizers.SGD(0.5), "categorical_crossentropy")
+    bn_before = [w.numpy().copy() for bn in bns for w in bn.weights]
+    top = next(lyr for lyr in layers[::-1] if lyr.name in unfrozen)
+    low = next(lyr for lyr in layers if lyr.weights and not isinstance(lyr, tf_keras.layers.BatchNormalization))
+    top_before, low_before = top.weights[0].numpy().copy(), low.weights[0].numpy().copy()
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    trainer.fit(x, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
+    for before, w in zip(bn_before, [w for bn in bns for w in bn.weights], strict=True):
+        np.testing.assert_array_equal(before, w.numpy())  # moving stats and gamma/beta untouched
+    assert not np.array_equal(top_before, top.weights[0].numpy())
+    np.testing.assert_array_equal(low_before, low.weights[0].numpy())
+
+
+def test_augmentation_only_in_training():
+    from imgcls.training import model as model_mod
+
+    aug = model_mod.augmentation(3)
+    x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(aug(x, training=False).numpy(), x)
+    assert not np.allclose(aug(x, training=True).numpy(), x)
+
+
+def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path):
+    out = tmp_path / "ft"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
+                 "--weights", "none", "--input-size", "32", "--epochs", "4", "--learning-rate", "0.01",
+                 "--fine-tune-layers", "3", "--fine-tune-epochs", "2", "--fine-tune-lr", "1e-4",
+                 "--class-weights", "--json"]) == 0
+    m = read_manifest(out)
+    assert m.training["unfrozen_layers"] == ["block5_conv3"] or m.training["unfrozen_layers"]
+    assert m.training["fine_tune_layers"] == 3 and m.training["class_weights"] is True
+    phases = {line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]}
+    assert phases == {"head", "fine-tune"}
+    assert (out / "checkpoints" / "phase2_best.weights.h5").exists()
+    assert any((out / "logs" / "phase2").rglob("events.out.tfevents.*"))
+
+
+def test_augmented_head_phase_without_feature_cache(tmp_path: Path, synthetic_data: Path):
+    out = tmp_path / "aug"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
+                 "--weights", "none", "--input-size", "32", "--epochs", "2", "--augment", "--json"]) == 0
+    assert read_manifest(out).training["feature_cache"] is False
+
+
+# --- user errors (real console command, no traceback) -------------------------------------------
+
+@pytest.mark.parametrize("make,args,message", [
+    (None, ["--data", "{tmp}/missing"], "does not exist"),
+    ("one_class", ["--data", "{tmp}/d"], "at least two class"),
+    ("ok", ["--data", "{tmp}/d", "--backbone", "alexnet"], "unknown backbone 'alexnet'"),
+    ("ok", ["--data", "{tmp}/d", "--weights", "{tmp}/nope.h5"], "no such file"),
+])
+def test_cli_user_errors(tmp_path: Path, make, args, message):
+    if make == "one_class":
+        make_dataset(tmp_path / "d", classes=1, per_class=3, size=16)
+    elif make == "ok":
+        make_dataset(tmp_path / "d", classes=2, per_class=3, size=16)
+    res = run_cli("train", *[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "o"))
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_imagenet_weights_missing_offline_is_a_clear_error(tmp_path: Path):
+    """No weights in the Keras cache and no network: say where the file should be."""
+    make_dataset(tmp_path / "d", classes=2, per_class=3, size=16)
+    env = {"HOME": str(tmp_path / "home"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    res = run_cli("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--backbone", "resnet50",
+                  "--input-size", "32", env=env)
+    assert res.returncode == 2, res.stderr
+    assert "ImageNet weights for resnet50 are not in the Keras cache" in res.stderr
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
