@@ -21,6 +21,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -198,6 +202,98 @@ def cached_repository(cache_root: Path) -> Path:
     shutil.rmtree(target.parent, ignore_errors=True)
     os.replace(tmp, target.parent)
     return target
+
+
+# --- test helpers (imported by tests/test_service_*.py; the pytest fixture is in service_plugin.py) ---------
+
+
+@contextmanager
+def running_server(repo: Path, runtime_hook=None, wait: bool = True, **overrides) -> Iterator:
+    """A real InferenceServer on 127.0.0.1, free ports; stopped on exit whatever happened."""
+    from imgcls.service.server import InferenceServer, ServeConfig
+
+    config = ServeConfig(model_repository=repo, host="127.0.0.1", port=0, metrics_port=0, inference_threads=1,
+                         decode_workers=2, grace_period=5.0, **overrides)
+    server = InferenceServer(config, runtime_hook=runtime_hook).start()
+    try:
+        if wait:
+            assert server.wait_until_ready(30), "server did not become ready"
+        yield server
+    finally:
+        server.stop()
+
+
+def client_for(server, **kwargs):
+    from imgcls.service.client import Client
+
+    return Client(f"127.0.0.1:{server.port}", **kwargs)
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus text format (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+class Reference:
+    """The model's direct output (onnxruntime on the shared preprocessing), to check served results against."""
+
+    def __init__(self, repo: Path, name: str = "tiny", version: int = 2) -> None:
+        import onnxruntime as ort
+
+        from imgcls.manifest import read_manifest
+
+        folder = repo / name / str(version)
+        self.manifest = read_manifest(folder)
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def inputs(self, images: list[bytes]) -> np.ndarray:
+        from imgcls.preprocessing import preprocess_bytes
+
+        return np.stack([preprocess_bytes(data, self.manifest.preprocessing) for data in images])
+
+    def probs(self, images: list[bytes]) -> np.ndarray:
+        return self.session.run(None, {"images": self.inputs(images)})[0]
+
+
+class GatedRuntime:
+    """Wraps a runtime so a test can hold batches (gate cleared) and see what reached the model."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.format = inner.format
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(batch.copy())
+        self.entered.set()
+        assert self.gate.wait(20), "test forgot to open the gate"
+        return self.inner.run(batch)
+
+    def reset(self) -> None:
+        """Forget the warm-up calls."""
+        with self.lock:
+            self.batches.clear()
+        self.entered.clear()
+
+    def images_seen(self) -> int:
+        with self.lock:
+            return sum(len(b) for b in self.batches)
 
 
 def main(argv: list[str] | None = None) -> int:

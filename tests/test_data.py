@@ -78,7 +78,7 @@ def test_class_losing_every_image_to_decode_errors_is_an_error(tmp_path):
     for i in range(4):
         (root / "class_1" / f"{i}.jpg").write_bytes(b"garbage")
     ds = data.scan(root, val_fraction=0.25, test_fraction=0.25)
-    with pytest.raises(ImgclsError, match="no valid training image.*class_1"):
+    with pytest.raises(ImgclsError, match=r"no valid training image.*class_1"):
         data.load_images(ds, get_backbone("mobilenet_v2").preprocessing(16), progress=False)
 
 

@@ -131,6 +131,6 @@ def test_spec_validation():
 
 
 def test_unknown_backbone_lists_choices():
-    with pytest.raises(ImgclsError, match="unknown backbone 'resnet9000'.*mobilenet_v2"):
+    with pytest.raises(ImgclsError, match=r"unknown backbone 'resnet9000'.*mobilenet_v2"):
         get_backbone("resnet9000")
     assert get_backbone("MobileNet-V2").name == "mobilenet_v2"
