@@ -1,0 +1,73 @@
+"""Latency and throughput of each artifact with the runtime the service uses, threads set explicitly.
+
+Batch 1: median and p90 latency over `batch1_runs` calls after a warm-up. Batch 32: throughput from the
+median time of `batch_runs` calls (the median, not the mean, because the machine is shared and a
+neighbour's burst should not decide which runtime the server picks). The keys written here are the
+ones the service compares: `batch1_p50_ms`, `batch1_p90_ms`, `batch32_images_per_s`, `threads`.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .runners import Runner
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    threads: int
+    batch1_runs: int = 50
+    batch_runs: int = 10
+    warmup: int = 3
+    batch_size: int = 32
+
+    def describe(self) -> dict:
+        return {**asdict(self), "machine": machine()}
+
+
+def machine() -> dict:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": platform.processor() or platform.machine(), "cores_available": cores,
+            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def _times(fn, x: np.ndarray, runs: int) -> np.ndarray:
+    out = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        out[i] = time.perf_counter() - t0
+    return out
+
+
+def tile(images: np.ndarray, n: int) -> np.ndarray:
+    """`n` inputs made of the given (normalized) images, repeated as needed."""
+    reps = -(-n // len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:n], dtype=np.float32)
+
+
+def benchmark(runner: Runner, images: np.ndarray, settings: BenchSettings) -> dict:
+    """Benchmark figures for one runner on real (normalized float32) images."""
+    one = tile(images, 1)
+    many = tile(images, settings.batch_size)
+    for _ in range(settings.warmup):
+        runner.run(one)
+    runner.run(many)
+    single = _times(runner.run, one, settings.batch1_runs) * 1000
+    batched = _times(runner.run, many, settings.batch_runs)
+    b = settings.batch_size
+    return {
+        "threads": settings.threads,
+        "batch1_p50_ms": round(float(np.median(single)), 3),
+        "batch1_p90_ms": round(float(np.percentile(single, 90)), 3),
+        "batch1_runs": settings.batch1_runs,
+        f"batch{b}_p50_ms": round(float(np.median(batched)) * 1000, 3),
+        f"batch{b}_images_per_s": round(b / float(np.median(batched)), 2),
+        f"batch{b}_runs": settings.batch_runs,
+    }
