@@ -1,0 +1,233 @@
+"""Dynamic batcher: one thread per model version turns single images from many requests into batches.
+
+A request becomes a `Job` with one slot per image. `admit` reserves the slots up front (so a full queue is
+refused before any decoding work), decode workers `put` each preprocessed image as it is ready, and the
+batcher thread takes up to `max_batch_size` queued images, drops those whose request was cancelled or
+whose deadline passed, runs the model once and writes each row back to the slot it came from. Results
+therefore land in request order and never in another request's job, however the images were split
+across batches.
+
+Batching policy: the first queued image waits at most `max_queue_delay` for the batch to fill, and only
+while images already admitted are still being decoded; with nothing on the way the batch runs at once,
+so a lone client pays no batching delay. Under load, images queue up while the previous batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The batcher already holds `max_queue_size` images."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its image reached the model."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (client gone); its images were dropped."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped before the image was processed."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's images; `results[i]` ends as probabilities [C] or an exception for image i."""
+
+    n: int
+    deadline: float | None = None  # time.monotonic() value
+    on_done: Callable[[Job], Any] | None = None
+    results: list[Any] = field(init=False)
+    done: threading.Event = field(init=False, default_factory=threading.Event)
+    cancelled: bool = field(init=False, default=False)
+    reserved: int = field(init=False)  # slots still counted in the batcher's queue (guarded by its lock)
+    _remaining: int = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * self.n
+        self.reserved = self.n
+        self._remaining = self.n
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
+
+    def set(self, index: int, value: Any) -> None:
+        """Record image `index`'s outcome (the first one wins); the last one completes the job."""
+        with self._lock:
+            if self.results[index] is not None:
+                return
+            self.results[index] = value
+            self._remaining -= 1
+            finished = self._remaining == 0
+        if finished:
+            self.done.set()
+            if self.on_done is not None:
+                self.on_done(self)
+
+
+@dataclass(eq=False)
+class _Item:
+    job: Job
+    index: int
+    x: np.ndarray
+    enqueued: float
+
+
+BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue waits, inference seconds)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_queue_delay: float,
+        max_queue_size: int,
+        name: str = "model",
+        on_batch: BatchObserver | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay >= 0")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch or (lambda *_: None)
+        self._on_depth = on_depth or (lambda _: None)
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
+        """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the model is shutting down")
+            if self._pending + n > self.max_queue_size:
+                raise QueueFull(f"queue full ({self._pending} of {self.max_queue_size} images waiting)")
+            self._pending += n
+            depth = self._pending
+        self._on_depth(depth)
+        return Job(n, deadline, on_done)
+
+    def put(self, job: Job, index: int, x: np.ndarray) -> None:
+        """Queue image `index` of `job` (preprocessed, float32 HxWx3)."""
+        with self._cond:
+            if job.cancelled:
+                return
+            if not self._stopping:
+                self._queue.append(_Item(job, index, x, time.monotonic()))
+                self._cond.notify()
+                return
+        self.fail(job, index, ShuttingDown("server shutting down"))
+
+    def fail(self, job: Job, index: int, error: Exception) -> None:
+        """Image `index` will not reach the model (undecodable, expired): free its slot, record the error."""
+        self._release(job, 1)
+        job.set(index, error)
+
+    def cancel(self, job: Job) -> None:
+        """Drop every image of `job` not yet in a running batch and free their slots."""
+        with self._cond:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            if any(item.job is job for item in self._queue):
+                self._queue = deque(item for item in self._queue if item.job is not job)
+        self._release(job, job.reserved)
+        for i in range(job.n):
+            job.set(i, Cancelled("request cancelled"))
+
+    def _release(self, job: Job, count: int) -> None:
+        with self._cond:
+            count = min(count, job.reserved)
+            job.reserved -= count
+            self._pending -= count
+            depth = self._pending
+            self._cond.notify()
+        self._on_depth(depth)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the thread; images still queued get ShuttingDown."""
+        with self._cond:
+            self._stopping = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for item in left:
+            item.job.set(item.index, ShuttingDown("server shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            flush_at = self._queue[0].enqueued + self.max_queue_delay
+            # Wait for a fuller batch only while admitted images are still being decoded.
+            while len(self._queue) < self.max_batch_size and self._pending > len(self._queue):
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            items = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+            for item in items:
+                item.job.reserved -= 1
+            self._pending -= len(items)
+            depth = self._pending
+        self._on_depth(depth)
+        return items
+
+    def _loop(self) -> None:
+        while (items := self._next_batch()) is not None:
+            now = time.monotonic()
+            live = []
+            for item in items:
+                if item.job.cancelled:
+                    continue
+                if item.job.expired(now):  # dropped before compute
+                    item.job.set(item.index, DeadlineExceeded("deadline exceeded while queued"))
+                else:
+                    live.append(item)
+            if not live:
+                continue
+            start = time.monotonic()
+            try:
+                probs: np.ndarray | Exception = self._run(np.stack([item.x for item in live]))
+            except Exception as exc:  # a runtime failure fails this batch, not the server
+                log.exception("inference failed for a batch of %d", len(live))
+                probs = exc
+            seconds = time.monotonic() - start
+            try:
+                self._on_batch(len(live), [start - item.enqueued for item in live], seconds)
+            except Exception:
+                log.exception("batch observer failed")
+            for k, item in enumerate(live):
+                item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])

@@ -1,0 +1,190 @@
+"""`imgcls serve` and `imgcls predict`. Argparse only here; grpc, NumPy and runtimes load inside the commands.
+
+Every `serve` flag can also come from an environment variable, IMGCLS_ plus the flag name in upper case
+with dashes as underscores (`--metrics-port` <- IMGCLS_METRICS_PORT); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from imgcls.errors import ImgclsError
+
+
+def _env_name(flag: str) -> str:
+    return "IMGCLS_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, help: str, default: Any = None, **kwargs: Any) -> None:
+    """An option whose default comes from its environment variable (argparse converts it with `type`)."""
+    env = _env_name(flag)
+    value = os.environ.get(env, default)
+    shown = "" if default is None else f", default {default}"
+    parser.add_argument(flag, default=value, help=f"{help} (env {env}{shown})", **kwargs)
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a model repository over gRPC",
+                           description="Serve every model of a repository over gRPC, with Prometheus metrics.")
+    _flag(serve, "--model-repository", "repository folder (NAME/VERSION/manifest.json)", metavar="DIR")
+    _flag(serve, "--host", "address to bind, for gRPC and metrics", "0.0.0.0")
+    _flag(serve, "--port", "gRPC port (0 = any free port)", 50051, type=int)
+    _flag(serve, "--metrics-port", "Prometheus /metrics port (0 = any free port)", 8000, type=int)
+    _flag(serve, "--runtime", "artifact format for every model, or NAME=FORMAT per model, comma-separated: "
+          "onnx, tflite, tflite-fp16, tflite-int8, savedmodel; default the fastest full-precision one", "")
+    _flag(serve, "--versions", "serve each model's latest version or all versions", "latest",
+          choices=["latest", "all"])
+    _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
+    _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
+    _flag(serve, "--grpc-workers", "gRPC handler threads (max calls in progress)", 64, type=int)
+    _flag(serve, "--max-batch-size", "largest batch the dynamic batcher forms", 32, type=int)
+    _flag(serve, "--max-queue-delay-ms", "longest an image waits for its batch to fill", 2.0, type=float)
+    _flag(serve, "--max-queue-size", "images waiting per model before RESOURCE_EXHAUSTED", 256, type=int)
+    _flag(serve, "--max-images-per-request", "more is INVALID_ARGUMENT", 64, type=int)
+    _flag(serve, "--max-message-bytes", "largest gRPC message, either direction", 64 * 1024 * 1024, type=int)
+    _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)
+    _flag(serve, "--max-image-pixels", "largest decoded image, width x height (decompression bombs)",
+          50_000_000, type=int)
+    _flag(serve, "--default-top-k", "labels per image when a request does not say", 5, type=int)
+    _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
+    _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
+    _flag(serve, "--verify-checksums", "check artifact sha256 against the manifest at load", "true", type=_bool,
+          metavar="BOOL")
+    serve.set_defaults(func=serve_command)
+
+    predict = sub.add_parser("predict", help="classify image files with a running server",
+                             description="Send image files to an imgcls server and print their top-k labels.")
+    predict.add_argument("files", nargs="+", metavar="FILE", type=Path)
+    _flag(predict, "--target", "server address HOST:PORT", "localhost:50051")
+    predict.add_argument("--model", default="", help="model name (default: the server's only model)")
+    predict.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    predict.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    predict.add_argument("--json", action="store_true", help="JSON Lines, one record per file, in argument order")
+    predict.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
+    predict.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
+    predict.set_defaults(func=predict_command)
+
+
+def _runtimes(text: str) -> tuple[str | None, dict[str, str]]:
+    default, per_model = None, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" in part:
+            name, fmt = (s.strip() for s in part.split("=", 1))
+            per_model[name] = fmt
+        else:
+            default = part
+    return default, per_model
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from imgcls.service.server import InferenceServer, ServeConfig
+
+    if not args.model_repository:
+        raise ImgclsError("--model-repository (or IMGCLS_MODEL_REPOSITORY) is required")
+    runtime, per_model = _runtimes(args.runtime or "")
+    config = ServeConfig(
+        model_repository=Path(args.model_repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
+        runtime=runtime, model_runtimes=per_model, versions=args.versions, grpc_workers=args.grpc_workers,
+        max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
+        max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, default_top_k=args.default_top_k,
+        stream_max_inflight=args.stream_max_inflight, grace_period=args.grace_period,
+        verify_checksums=args.verify_checksums,
+    )
+    if args.inference_threads is not None:
+        config.inference_threads = args.inference_threads
+    if args.decode_workers is not None:
+        config.decode_workers = args.decode_workers
+    return InferenceServer(config).serve_forever()
+
+
+def _read_error(exc: OSError) -> dict[str, str]:
+    code = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}.get(type(exc), "INVALID_ARGUMENT")
+    return {"code": code, "message": exc.strerror or str(exc)}
+
+
+def predict_records(client: Any, files: list[Path], *, model: str, version: int, top_k: int,
+                    batch_size: int, timeout: float) -> list[dict[str, Any]]:
+    """One record per file, in order: the shape `imgcls batch` writes too."""
+    import grpc
+
+    from imgcls.service.client import ErrorInfo, ServiceError
+
+    meta = client.metadata(model, version, timeout=timeout)  # fails once for a wrong model, not per file
+    records: list[dict[str, Any] | None] = [None] * len(files)
+    pending: list[tuple[int, bytes]] = []
+    for i, path in enumerate(files):
+        try:
+            pending.append((i, path.read_bytes()))
+        except OSError as exc:
+            records[i] = {"path": str(path), "error": _read_error(exc)}
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        try:
+            prediction = client.predict([data for _, data in chunk], model=meta.name, version=meta.version,
+                                        top_k=top_k, timeout=timeout)
+            results = [(r.labels, r.error) for r in prediction.results]
+        except ServiceError as exc:
+            if len(chunk) == 1 and exc.code == grpc.StatusCode.INVALID_ARGUMENT:  # the image itself
+                results = [([], ErrorInfo(exc.code.name, exc.message))]
+            else:
+                raise
+        for (i, _), (labels, error) in zip(chunk, results, strict=True):
+            path = str(files[i])
+            if error is not None:
+                records[i] = {"path": path, "error": {"code": error.code, "message": error.message}}
+            else:
+                records[i] = {"path": path, "model": meta.name, "version": meta.version,
+                              "labels": [{"index": lb.index, "name": lb.name, "score": round(lb.score, 6)}
+                                         for lb in labels]}
+    return [r for r in records if r is not None]
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    width = max(len(r["path"]) for r in records)
+    lines = []
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['path']:<{width}}  error {r['error']['code']}: {r['error']['message']}")
+        else:
+            labels = "  ".join(f"{lb['name']} {lb['score']:.3f}" for lb in r["labels"])
+            lines.append(f"{r['path']:<{width}}  {labels}")
+    return "\n".join(lines)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from imgcls.service.client import Client
+
+    if args.top_k < 1:
+        raise ImgclsError("--top-k must be at least 1")
+    if args.batch_size < 1:
+        raise ImgclsError("--batch-size must be at least 1")
+    with Client(args.target, timeout=args.timeout) as client:
+        records = predict_records(client, args.files, model=args.model, version=args.version, top_k=args.top_k,
+                                  batch_size=args.batch_size, timeout=args.timeout)
+    if args.json:
+        for record in records:
+            sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        first = next((r for r in records if "model" in r), None)
+        if first:
+            print(f"# {first['model']} v{first['version']}")
+        print(_table(records))
+    sys.stdout.flush()
+    return 1 if any("error" in r for r in records) else 0

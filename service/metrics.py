@@ -1,0 +1,58 @@
+"""Prometheus metrics, in a registry per server (so tests can run several servers in one process).
+
+Histograms, not summaries, so they aggregate across replicas. Names carry their unit and counters end
+in `_total`, per the Prometheus naming conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.request_latency = Histogram(
+            "imgcls_request_duration_seconds", "Time from receiving a request to sending its response.",
+            ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "imgcls_queue_wait_seconds", "Time a preprocessed image waited in the batcher queue.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess_latency = Histogram(
+            "imgcls_preprocess_duration_seconds", "Decode, orient, resize and normalize time per image.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram(
+            "imgcls_inference_duration_seconds", "Runtime time per batch.",
+            ["model", "runtime"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "imgcls_batch_size", "Images per batch formed by the dynamic batcher.",
+            ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter(
+            "imgcls_requests", "Requests answered, by gRPC status code.",
+            ["method", "model", "version", "code"], registry=r)
+        self.images = Counter(
+            "imgcls_images", "Images handled, by outcome (OK = classified).",
+            ["model", "version", "code"], registry=r)
+        self.queue_depth = Gauge(
+            "imgcls_queue_depth", "Images admitted and waiting for inference (decoding or queued).",
+            ["model"], registry=r)
+        self.inflight = Gauge("imgcls_inflight_requests", "Requests being handled.", ["method"], registry=r)
+        self.model_loaded = Gauge(
+            "imgcls_model_loaded", "1 for each model version loaded and serving.",
+            ["model", "version", "backbone", "runtime"], registry=r)
+        self.model_load_seconds = Gauge(
+            "imgcls_model_load_duration_seconds", "Time to load and warm up a model version.",
+            ["model", "version", "runtime"], registry=r)
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        """Start the /metrics HTTP server in a daemon thread; returns the http server (has `server_port`)."""
+        httpd, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return httpd

@@ -1,0 +1,602 @@
+"""The gRPC inference server: `imgcls.v1.Inference` plus health, reflection and Prometheus metrics.
+
+Concurrency model: grpc's synchronous server (a thread per in-flight call), a decode thread pool and one
+batcher thread per model version. Chosen over grpc.aio because every step that costs time (Pillow
+decode/resize, NumPy normalization, onnxruntime / LiteRT / TensorFlow inference) is a blocking C call
+that releases the GIL, so plain threads overlap them on all cores with no executor hand-offs; request
+handlers only wait on an Event. Cancellation and deadlines come from the grpc context
+(`add_callback`, `time_remaining`), streaming is a generator fed by a reader thread.
+
+Lifecycle: `start()` binds the ports at once (health answers NOT_SERVING), loads and warms up the
+models in the background, then turns health to SERVING. `drain()` (SIGTERM) turns health NOT_SERVING,
+answers new calls UNAVAILABLE, lets calls in flight finish within the grace period, then stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imgcls.errors import ImageDecodeError, ImgclsError
+from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PreprocessingSpec, preprocess_bytes
+from imgcls.service import repository, runtimes
+from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
+from imgcls.service.metrics import Metrics
+from imgcls.v1 import inference_pb2 as pb
+from imgcls.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "imgcls.v1.Inference"
+NO_DEADLINE = 1e8  # grpc reports a huge time_remaining for calls without a deadline
+
+
+@dataclass
+class ServeConfig:
+    """Everything `imgcls serve` can be told; see docs/service.md for the flags and environment variables."""
+
+    model_repository: Path
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 8000
+    runtime: str | None = None  # one format for every model, None = fastest full-precision
+    model_runtimes: dict[str, str] = field(default_factory=dict)  # per model name, overrides `runtime`
+    versions: str = "latest"  # or "all"
+    inference_threads: int = field(default_factory=runtimes.default_threads)
+    decode_workers: int = field(default_factory=runtimes.default_threads)
+    grpc_workers: int = 64
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+    max_images_per_request: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    default_top_k: int = 5
+    stream_max_inflight: int = 32  # requests per stream admitted before the server stops reading it
+    grace_period: float = 30.0
+    verify_checksums: bool = True
+
+    def validate(self) -> None:
+        if self.versions not in ("latest", "all"):
+            raise ImgclsError(f"--versions must be latest or all, got {self.versions!r}")
+        for fmt in [self.runtime, *self.model_runtimes.values()]:
+            if fmt is not None and fmt not in runtimes.FORMATS:
+                raise ImgclsError(f"--runtime {fmt}: choose one of {', '.join(runtimes.FORMATS)}")
+        positive = ("inference_threads", "decode_workers", "grpc_workers", "max_batch_size", "max_queue_size",
+                    "max_images_per_request", "max_message_bytes", "max_image_bytes", "max_image_pixels",
+                    "default_top_k", "stream_max_inflight")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ImgclsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_images_per_request > self.max_queue_size:
+            raise ImgclsError("--max-images-per-request cannot exceed --max-queue-size")
+        if self.max_queue_delay_ms < 0 or self.grace_period < 0:
+            raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
+
+
+@dataclass
+class LoadedModel:
+    entry: repository.Entry
+    runtime: str
+    batcher: Batcher
+
+    @property
+    def spec(self) -> PreprocessingSpec:
+        return self.entry.manifest.preprocessing
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.entry.name, str(self.entry.version)
+
+
+class RequestError(Exception):
+    """Ends a call (or one message of a stream) with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _status(code: grpc.StatusCode, message: str = "") -> pb.Status:
+    return pb.Status(code=code.value[0], message=message)
+
+
+RuntimeHook = Callable[[repository.Entry, runtimes.Runtime], runtimes.Runtime]
+
+
+class InferenceServer:
+    """One server: gRPC port, metrics port, the loaded models. `runtime_hook` lets tests wrap a runtime."""
+
+    def __init__(self, config: ServeConfig, *, runtime_hook: RuntimeHook | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.runtime_hook = runtime_hook
+        self.metrics = Metrics()
+        self.models: dict[str, dict[int, LoadedModel]] = {}
+        self.ready = threading.Event()
+        self.accepting = True
+        self.load_error: BaseException | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stop_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._inflight = 0
+        self._inflight_zero = threading.Condition()
+        self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        self._plan: list[tuple[repository.Entry, str]] = []
+        self._grpc: grpc.Server | None = None
+        self._grpc_pool: ThreadPoolExecutor | None = None
+        self._httpd = None
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> InferenceServer:
+        """Plan (read manifests, pick artifacts; errors raise here), bind ports, load models in the background."""
+        cfg = self.config
+        available = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
+            f for f in runtimes.FORMATS if f != "savedmodel")
+        for entry in repository.scan(cfg.model_repository, cfg.versions):
+            requested = cfg.model_runtimes.get(entry.name, cfg.runtime)
+            self._plan.append((entry, runtimes.choose_artifact(entry.manifest, requested, available).format))
+        unknown = set(cfg.model_runtimes) - {e.name for e, _ in self._plan}
+        if unknown:
+            raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
+
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self._grpc_pool = ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc")
+        self._grpc = grpc.server(self._grpc_pool, options=options)
+        pb_grpc.add_InferenceServicer_to_server(Servicer(self), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ImgclsError(f"cannot listen on {address} ({exc}); is the port in use?") from None
+        try:
+            self._httpd = self.metrics.serve(cfg.metrics_port, cfg.host)
+        except OSError as exc:
+            raise ImgclsError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc})") from None
+        self.metrics_port = self._httpd.server_port
+        self._grpc.start()
+        log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model version(s)",
+                 cfg.host, self.port, cfg.host, self.metrics_port, len(self._plan))
+        threading.Thread(target=self._load_all, name="model-loader", daemon=True).start()
+        return self
+
+    def _load_all(self) -> None:
+        try:
+            for entry, fmt in self._plan:
+                self._load(entry, fmt)
+        except BaseException as exc:  # reported by serve_forever / wait_until_ready
+            log.error("loading models failed: %s", exc)
+            self.load_error = exc
+            self._stop_requested.set()
+            return
+        if self.accepting:
+            self.ready.set()
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: %s", ", ".join(f"{e.name} v{e.version} ({f})" for e, f in self._plan))
+
+    def _load(self, entry: repository.Entry, fmt: str) -> None:
+        cfg, m = self.config, self.metrics
+        start = time.monotonic()
+        artifact = entry.manifest.artifact(fmt)
+        assert artifact is not None
+        if cfg.verify_checksums:
+            repository.verify_checksum(entry.folder, artifact)
+        runtime = runtimes.load_runtime(entry.folder, artifact, cfg.inference_threads)
+        if self.runtime_hook is not None:
+            runtime = self.runtime_hook(entry, runtime)
+        h, w = entry.manifest.preprocessing.input_size
+        for n in sorted({1, cfg.max_batch_size}):  # warm-up: first calls allocate and compile
+            out = runtime.run(np.zeros((n, h, w, 3), np.float32))
+            if out.shape != (n, entry.manifest.num_classes):
+                raise ImgclsError(f"{entry.folder} ({fmt}): output shape {out.shape}, expected "
+                                  f"({n}, {entry.manifest.num_classes}) from the manifest's class_names")
+        name, version = entry.name, str(entry.version)
+        batcher = Batcher(
+            runtime.run, max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
+            max_queue_size=cfg.max_queue_size, name=f"{name}-v{version}",
+            on_batch=self._batch_observer(name, fmt), on_depth=m.queue_depth.labels(name).set,
+        )
+        batcher.start()
+        self.models.setdefault(name, {})[entry.version] = LoadedModel(entry, fmt, batcher)
+        seconds = time.monotonic() - start
+        m.model_load_seconds.labels(name, version, fmt).set(seconds)
+        m.model_loaded.labels(name, version, entry.manifest.backbone, fmt).set(1)
+        log.info("loaded %s v%s (%s, %s) in %.2fs", name, version, entry.manifest.backbone, fmt, seconds)
+
+    def _batch_observer(self, model: str, fmt: str) -> Callable[[int, list[float], float], None]:
+        batch_size = self.metrics.batch_size.labels(model)
+        wait = self.metrics.queue_wait.labels(model)
+        infer = self.metrics.inference_latency.labels(model, fmt)
+
+        def observe(size: int, waits: list[float], seconds: float) -> None:
+            batch_size.observe(size)
+            infer.observe(seconds)
+            for w in waits:
+                wait.observe(w)
+
+        return observe
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready.is_set():
+            if self.load_error is not None:
+                raise self.load_error
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.ready.wait(0.05 if left is None else min(0.05, left))
+        return True
+
+    def drain(self, grace: float | None = None) -> None:
+        """Stop taking calls (health NOT_SERVING, new calls UNAVAILABLE), let calls in flight finish within
+        `grace` seconds, then stop everything. Safe to call twice."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_period if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.accepting = False
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and stays so
+        with self._inflight_zero:
+            self._inflight_zero.wait_for(lambda: self._inflight == 0, timeout=grace)
+            left = self._inflight
+        if left:
+            log.warning("grace period over with %d call(s) still in flight; cancelling them", left)
+        self.stop(max(0.0, deadline - time.monotonic()))
+
+    def stop(self, grace: float | None = 0) -> None:
+        """Stop at once (in-flight calls get `grace` seconds), release ports and threads."""
+        if self._stopped.is_set():
+            return
+        self.accepting = False
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        for versions in self.models.values():
+            for model in versions.values():
+                model.batcher.stop()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._grpc_pool is not None:
+            self._grpc_pool.shutdown(wait=False)
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        self._stopped.set()
+        self._stop_requested.set()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        """Ask `serve_forever` to drain (what SIGTERM does); returns at once, usable from a signal handler."""
+        self._stop_requested.set()
+
+    def serve_forever(self) -> int:
+        """Start, drain on SIGTERM / SIGINT, return 0 after a clean drain (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        while not self._stop_requested.wait(0.5):
+            pass
+        if self.load_error is not None:
+            self.stop()
+            if isinstance(self.load_error, ImgclsError):
+                raise self.load_error
+            raise ImgclsError(f"loading models failed: {self.load_error}") from self.load_error
+        log.info("draining (grace period %.0fs)", self.config.grace_period)
+        self.drain()
+        return 0
+
+    # --- request handling helpers -----------------------------------------------------------------------------
+
+    @contextmanager
+    def track(self, method: str) -> Iterator[None]:
+        """Count a call in flight (for the gauge and for draining)."""
+        gauge = self.metrics.inflight.labels(method)
+        with self._inflight_zero:
+            self._inflight += 1
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+            with self._inflight_zero:
+                self._inflight -= 1
+                self._inflight_zero.notify_all()
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining")
+        if not self.ready.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+
+    def resolve(self, name: str, version: int) -> LoadedModel:
+        if not name:
+            if len(self.models) != 1:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"model_name is required; serving: {', '.join(sorted(self.models))}")
+            name = next(iter(self.models))
+        versions = self.models.get(name)
+        if versions is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"no model {name!r}; serving: {', '.join(sorted(self.models))}")
+        if version == 0:
+            return versions[max(versions)]
+        if version not in versions:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model {name!r} has no version {version}; serving: {sorted(versions)}")
+        return versions[version]
+
+    def submit(self, model: LoadedModel, images: list[bytes], deadline: float | None,
+               on_done: Callable[[Job], object] | None = None) -> Job:
+        """Reserve queue slots for the images and hand them to the decode pool."""
+        try:
+            job = model.batcher.admit(len(images), deadline, on_done)
+        except QueueFull as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model.entry.name}: {exc}") from None
+        except ShuttingDown as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        for i, data in enumerate(images):
+            self._decode_pool.submit(self._decode, model, job, i, data)
+        return job
+
+    def _decode(self, model: LoadedModel, job: Job, index: int, data: bytes) -> None:
+        if job.cancelled:
+            return
+        if job.expired():
+            model.batcher.fail(job, index, DeadlineExceeded("deadline exceeded before decoding"))
+            return
+        start = time.monotonic()
+        try:
+            x = preprocess_bytes(data, model.spec, max_pixels=self.config.max_image_pixels,
+                                 max_bytes=self.config.max_image_bytes)
+        except ImageDecodeError as exc:
+            model.batcher.fail(job, index, exc)
+            return
+        except Exception as exc:  # Pillow has more ways to fail on hostile input than it documents
+            log.warning("preprocessing raised %s: %s", type(exc).__name__, exc)
+            model.batcher.fail(job, index, ImageDecodeError(f"could not decode the image ({type(exc).__name__})"))
+            return
+        self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)
+        model.batcher.put(job, index, x)
+
+    def response(self, model: LoadedModel, job: Job, top_k: int, request_id: str) -> pb.PredictResponse:
+        """Build the response from a finished job; raises RequestError when the request as a whole failed."""
+        name, version = model.labels
+        classes = model.entry.manifest.class_names
+        k = min(top_k, len(classes))
+        results = []
+        codes = []
+        for value in job.results:
+            if isinstance(value, np.ndarray):
+                top = np.argsort(-value, kind="stable")[:k]
+                labels = [pb.Label(index=int(i), name=classes[i], score=float(value[i])) for i in top]
+                results.append(pb.ImageResult(labels=labels, status=_status(grpc.StatusCode.OK)))
+                codes.append(grpc.StatusCode.OK)
+                continue
+            code = _error_code(value)
+            codes.append(code)
+            results.append(pb.ImageResult(status=_status(code, str(value))))
+        for code in codes:
+            self.metrics.images.labels(name, version, code.name).inc()
+        for code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                     grpc.StatusCode.INTERNAL):
+            if code in codes:  # the request as a whole failed
+                raise RequestError(code, results[codes.index(code)].status.message)
+        if job.n == 1 and codes[0] != grpc.StatusCode.OK:
+            raise RequestError(codes[0], results[0].status.message)
+        return pb.PredictResponse(model_name=name, model_version=model.entry.version, results=results,
+                                  request_id=request_id)
+
+
+def _error_code(error: object) -> grpc.StatusCode:
+    if isinstance(error, ImageDecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, Cancelled):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(error, ShuttingDown):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class Servicer(pb_grpc.InferenceServicer):
+    """The `imgcls.v1.Inference` methods; all state lives in the InferenceServer."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self.s = server
+
+    def _validate(self, request: pb.PredictRequest) -> int:
+        """Checks that do not depend on the model; returns top_k."""
+        cfg = self.s.config
+        if not request.images:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no images in the request")
+        if len(request.images) > cfg.max_images_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{len(request.images)} images; at most {cfg.max_images_per_request} per request")
+        top_k = request.top_k if request.HasField("top_k") else cfg.default_top_k
+        if top_k < 1:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 1, got {top_k}")
+        return top_k
+
+    def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
+        name, version = model.labels if model else ("", "")
+        m = self.s.metrics
+        m.requests.labels(method, name, version, code.name).inc()
+        m.request_latency.labels(method, name).observe(time.monotonic() - start)
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        start, model, code = time.monotonic(), None, grpc.StatusCode.OK
+        with self.s.track("Predict"):
+            try:
+                self.s.check_accepting()
+                model = self.s.resolve(request.model_name, request.model_version)
+                top_k = self._validate(request)
+                remaining = context.time_remaining()
+                deadline = start + remaining if remaining < NO_DEADLINE else None
+                job = self.s.submit(model, list(request.images), deadline)
+                context.add_callback(lambda: job.done.is_set() or model.batcher.cancel(job))
+                if not job.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                    model.batcher.cancel(job)
+                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                return self.s.response(model, job, top_k, request.request_id)
+            except RequestError as exc:
+                code = exc.code
+                context.abort(exc.code, exc.message)
+            except Exception:
+                log.exception("Predict failed")
+                code = grpc.StatusCode.INTERNAL
+                context.abort(code, "internal error (see the server log)")
+            finally:
+                self._record("Predict", model, code, start)
+
+    def PredictStream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.PredictResponse]:
+        with self.s.track("PredictStream"):
+            try:
+                self.s.check_accepting()
+            except RequestError as exc:
+                context.abort(exc.code, exc.message)
+            yield from _Stream(self, request_iterator, context).run()
+
+    def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context) -> pb.ModelMetadata:
+        with self.s.track("GetModelMetadata"):
+            try:
+                self.s.check_accepting()
+                model = self.s.resolve(request.model_name, request.model_version)
+            except RequestError as exc:
+                context.abort(exc.code, exc.message)
+            m = model.entry.manifest
+            spec = m.preprocessing
+            return pb.ModelMetadata(
+                name=model.entry.name, version=model.entry.version,
+                versions=sorted(self.s.models[model.entry.name]), backbone=m.backbone, class_names=m.class_names,
+                preprocessing=pb.Preprocessing(
+                    height=spec.input_size[0], width=spec.input_size[1], mode=spec.mode, resize=spec.resize,
+                    channel_order=spec.channel_order, scale=spec.scale, mean=spec.mean, std=spec.std),
+                formats=[a.format for a in m.artifacts], runtime=model.runtime, created_at=m.created_at,
+            )
+
+    def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        with self.s.track("ListModels"):
+            try:
+                self.s.check_accepting()
+            except RequestError as exc:
+                context.abort(exc.code, exc.message)
+            summaries = []
+            for name in sorted(self.s.models):
+                versions = self.s.models[name]
+                latest = versions[max(versions)]
+                summaries.append(pb.ModelSummary(
+                    name=name, versions=sorted(versions), backbone=latest.entry.manifest.backbone,
+                    runtime=latest.runtime, num_classes=latest.entry.manifest.num_classes))
+            return pb.ListModelsResponse(models=summaries)
+
+
+_END = object()
+
+
+class _Stream:
+    """One PredictStream call: a reader thread admits requests (at most `stream_max_inflight` at a time,
+    so a fast client is slowed by flow control rather than refused), finished jobs come back through a
+    queue and are yielded as they complete. Per-request failures are answered in-stream."""
+
+    def __init__(self, servicer: Servicer, requests, context: grpc.ServicerContext) -> None:
+        self.servicer, self.s, self.requests, self.context = servicer, servicer.s, requests, context
+        self.out: queue.Queue = queue.Queue()
+        self.window = threading.Semaphore(self.s.config.stream_max_inflight)
+        self.jobs: dict[int, tuple[LoadedModel, Job]] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+        remaining = context.time_remaining()
+        self.deadline = time.monotonic() + remaining if remaining < NO_DEADLINE else None
+
+    def run(self) -> Iterator[pb.PredictResponse]:
+        self.context.add_callback(self._cancel_all)
+        threading.Thread(target=self._read, name="stream-reader", daemon=True).start()
+        answered, total = 0, None
+        while total is None or answered < total:
+            item = self.out.get()
+            if isinstance(item, tuple) and item[0] is _END:
+                total = item[1]
+                continue
+            answered += 1
+            self.window.release()
+            yield self._answer(*item)
+
+    def _answer(self, request: pb.PredictRequest, start: float, model: LoadedModel | None, job: Job | None,
+                top_k: int, error: RequestError | None) -> pb.PredictResponse:
+        if error is None and job is not None:
+            with self.lock:
+                self.jobs.pop(id(job), None)
+            try:
+                response = self.s.response(model, job, top_k, request.request_id)
+                self.servicer._record("PredictStream", model, grpc.StatusCode.OK, start)
+                return response
+            except RequestError as exc:
+                error = exc
+        self.servicer._record("PredictStream", model, error.code, start)
+        return pb.PredictResponse(request_id=request.request_id, error=_status(error.code, error.message),
+                                  model_name=model.entry.name if model else request.model_name,
+                                  model_version=model.entry.version if model else request.model_version)
+
+    def _read(self) -> None:
+        count = 0
+        try:
+            for request in self.requests:
+                while not self.window.acquire(timeout=0.1):
+                    if self.closed:
+                        return
+                count += 1
+                self._admit(request)
+        except Exception as exc:  # the client cancelled or the connection broke: nothing left to answer
+            log.debug("stream reader stopped: %s", exc)
+        finally:
+            self.out.put((_END, count))
+
+    def _admit(self, request: pb.PredictRequest) -> None:
+        start, model, top_k = time.monotonic(), None, 0
+        try:
+            model = self.s.resolve(request.model_name, request.model_version)
+            top_k = self.servicer._validate(request)
+            with self.lock:
+                job = self.s.submit(model, list(request.images), self.deadline,
+                                    on_done=lambda job: self.out.put((request, start, model, job, top_k, None)))
+                if not job.done.is_set():
+                    self.jobs[id(job)] = (model, job)
+        except RequestError as exc:
+            self.out.put((request, start, model, None, top_k, exc))
+
+    def _cancel_all(self) -> None:
+        self.closed = True
+        with self.lock:
+            jobs = list(self.jobs.values())
+            self.jobs.clear()
+        for model, job in jobs:
+            model.batcher.cancel(job)
