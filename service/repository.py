@@ -65,14 +65,29 @@ def scan(root: Path, policy: str = "latest") -> list[Entry]:
     return entries
 
 
-def verify_checksum(folder: Path, artifact: Artifact) -> None:
-    """Check a file artifact against the manifest's sha256 (folders such as saved_model/ are not hashed)."""
-    path = folder / artifact.file
-    if not path.is_file():
-        return
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != artifact.sha256:
+    return digest.hexdigest()
+
+
+def _tree_sha256(folder: Path) -> str:
+    """`imgcls export`'s folder hash: sha256 over the sorted lines `relpath NUL sha256(file) LF`."""
+    lines = sorted(f"{p.relative_to(folder).as_posix()}\0{_file_sha256(p)}\n" for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def verify_checksum(folder: Path, artifact: Artifact) -> None:
+    """Check an artifact against the manifest's sha256. Folders (saved_model/) are checked only when the
+    manifest says they carry export's tree hash (`sha256_method: "tree: ..."`)."""
+    path = folder / artifact.file.rstrip("/")
+    if path.is_file():
+        actual = _file_sha256(path)
+    elif path.is_dir() and str((artifact.model_extra or {}).get("sha256_method", "")).startswith("tree"):
+        actual = _tree_sha256(path)
+    else:
+        return
+    if actual != artifact.sha256:
         raise ImgclsError(f"{path}: sha256 does not match the manifest (corrupt or replaced file)")

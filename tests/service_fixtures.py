@@ -212,8 +212,9 @@ def running_server(repo: Path, runtime_hook=None, wait: bool = True, **overrides
     """A real InferenceServer on 127.0.0.1, free ports; stopped on exit whatever happened."""
     from imgcls.service.server import InferenceServer, ServeConfig
 
-    config = ServeConfig(model_repository=repo, host="127.0.0.1", port=0, metrics_port=0, inference_threads=1,
-                         decode_workers=2, grace_period=5.0, **overrides)
+    settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "inference_threads": 1, "decode_workers": 2,
+                "grace_period": 5.0, **overrides}
+    config = ServeConfig(model_repository=repo, **settings)
     server = InferenceServer(config, runtime_hook=runtime_hook).start()
     try:
         if wait:

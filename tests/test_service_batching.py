@@ -1,0 +1,269 @@
+"""Dynamic batching, queue limits, deadlines, cancellation, health transitions and draining.
+
+A `GatedRuntime` wraps the real ONNX runtime so a test can hold a batch in the model and observe what
+reached it, which makes queue states deterministic without sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_fixtures import (
+    GatedRuntime,
+    Reference,
+    client_for,
+    metric,
+    running_server,
+    sample_image,
+    scrape,
+)
+
+from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, QueueFull
+from imgcls.service.client import ServiceError
+from imgcls.v1 import inference_pb2 as pb
+from imgcls.v1 import inference_pb2_grpc as pb_grpc
+
+IMAGES = [sample_image(100 + i) for i in range(8)]
+
+pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+# --- the batcher alone -----------------------------------------------------------------------------------------
+
+
+def _echo_batcher(**kwargs) -> tuple[Batcher, list[int]]:
+    sizes: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        sizes.append(len(batch))
+        return batch[:, :1, 0, 0]  # each row's own marker value
+
+    batcher = Batcher(run, **{"max_batch_size": 4, "max_queue_delay": 0.05, "max_queue_size": 64, **kwargs})
+    batcher.start()
+    return batcher, sizes
+
+
+def _marker(value: float) -> np.ndarray:
+    return np.full((2, 2, 3), value, np.float32)
+
+
+def test_batcher_splits_jobs_across_batches_and_keeps_each_jobs_order():
+    batcher, sizes = _echo_batcher()
+    try:
+        jobs = [batcher.admit(n) for n in (3, 5, 2)]
+        values = {}
+        for j, job in enumerate(jobs):  # put out of order, interleaved across jobs
+            for i in reversed(range(job.n)):
+                values[(j, i)] = 100 * j + i
+        for (j, i), v in sorted(values.items(), key=lambda kv: kv[1] % 7):
+            batcher.put(jobs[j], i, _marker(v))
+        for j, job in enumerate(jobs):
+            assert job.done.wait(5)
+            assert [float(r[0]) for r in job.results] == [100 * j + i for i in range(job.n)]
+        assert max(sizes) <= 4 and sum(sizes) == 10
+        assert batcher.depth == 0
+    finally:
+        batcher.stop()
+
+
+def test_batcher_refuses_when_full_and_frees_slots_on_cancel_and_failure():
+    batcher, _ = _echo_batcher(max_queue_size=4)
+    try:
+        a = batcher.admit(3)
+        with pytest.raises(QueueFull):
+            batcher.admit(2)
+        batcher.cancel(a)
+        assert all(isinstance(r, Cancelled) for r in a.results) and batcher.depth == 0
+        b = batcher.admit(4)
+        batcher.fail(b, 0, ValueError("undecodable"))
+        assert batcher.depth == 3
+        for i in range(1, 4):
+            batcher.put(b, i, _marker(i))
+        assert b.done.wait(5) and isinstance(b.results[0], ValueError)
+        assert batcher.depth == 0
+    finally:
+        batcher.stop()
+
+
+def test_batcher_drops_expired_images_before_compute():
+    batcher, sizes = _echo_batcher()
+    try:
+        job = batcher.admit(2, deadline=time.monotonic() - 1)
+        batcher.put(job, 0, _marker(1))
+        batcher.put(job, 1, _marker(2))
+        assert job.done.wait(5)
+        assert all(isinstance(r, DeadlineExceeded) for r in job.results)
+        assert sizes == []
+    finally:
+        batcher.stop()
+
+
+def test_lone_image_is_not_held_for_the_queue_delay():
+    batcher, _ = _echo_batcher(max_queue_delay=5.0)
+    try:
+        job = batcher.admit(1)
+        start = time.monotonic()
+        batcher.put(job, 0, _marker(1))
+        assert job.done.wait(5)
+        assert time.monotonic() - start < 1.0
+    finally:
+        batcher.stop()
+
+
+# --- through the server ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gated(service_repo):
+    """A server whose `tiny` model runs behind a gate, with a 1-image batch and a 2-image queue."""
+    runtimes: dict[str, GatedRuntime] = {}
+
+    def hook(entry, runtime):
+        runtimes[entry.name] = GatedRuntime(runtime)
+        return runtimes[entry.name]
+
+    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=2,
+                        max_images_per_request=2, max_queue_delay_ms=0) as server:
+        gate = runtimes["tiny"]
+        gate.reset()
+        yield server, gate
+        gate.gate.set()
+
+
+def _future(stub, image: bytes, timeout: float = 20):
+    return stub.Predict.future(pb.PredictRequest(model_name="tiny", images=[image]), timeout=timeout)
+
+
+def test_full_queue_is_resource_exhausted_at_once_and_cancel_frees_a_slot(gated):
+    server, gate = gated
+    gate.gate.clear()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        running = _future(stub, IMAGES[0])
+        assert gate.entered.wait(5)  # in the model, holding the gate
+        queued = [_future(stub, IMAGES[1]), _future(stub, IMAGES[2])]
+        wait_for(lambda: server.models["tiny"][2].batcher.depth == 2)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc_info:
+            stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[3]]), timeout=10)
+        assert exc_info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - start < 1.0
+        assert metric(scrape(server), "imgcls_queue_depth", model="tiny") == 2
+        queued[1].cancel()  # the client gives up: its slot is freed
+        wait_for(lambda: server.models["tiny"][2].batcher.depth == 1)
+        replacement = _future(stub, IMAGES[4])
+        wait_for(lambda: server.models["tiny"][2].batcher.depth == 2)
+        gate.gate.set()
+        for future in (running, queued[0], replacement):
+            assert future.result().results[0].status.code == 0
+        assert gate.images_seen() == 3  # the cancelled image never reached the model
+
+
+def test_deadline_passed_in_queue_is_dropped_before_compute(gated, service_repo):
+    server, gate = gated
+    gate.gate.clear()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        running = _future(stub, IMAGES[0])
+        assert gate.entered.wait(5)
+        with pytest.raises(grpc.RpcError) as exc_info:
+            stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[5]]), timeout=0.3)
+        assert exc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: server.models["tiny"][2].batcher.depth == 0)
+        gate.gate.set()
+        assert running.result().results[0].status.code == 0
+    dropped = Reference(service_repo).inputs([IMAGES[5]])[0]
+    assert gate.images_seen() == 1
+    assert not any(np.array_equal(row, dropped) for batch in gate.batches for row in batch)
+
+
+def test_multi_image_request_split_over_batches(gated, service_repo):
+    server, gate = gated  # max batch size 1: a 2-image request needs two batches
+    images = [IMAGES[6], IMAGES[7]]
+    with client_for(server) as client:
+        prediction = client.predict(images, model="tiny", top_k=3)
+    expected = Reference(service_repo).probs(images)
+    for result, probs in zip(prediction.results, expected, strict=True):
+        got = {lb.index: lb.score for lb in result.labels}
+        np.testing.assert_allclose([got[i] for i in range(3)], probs, atol=1e-5)
+    assert [len(b) for b in gate.batches] == [1, 1]
+
+
+def test_batches_form_under_concurrent_load(service_repo):
+    with running_server(service_repo, max_batch_size=8, max_queue_delay_ms=50) as server:
+        with client_for(server) as client, ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: client.predict([IMAGES[i % 8]], model="tiny"), range(64)))
+        text = scrape(server)
+    batches = metric(text, "imgcls_batch_size_count", model="tiny")
+    assert metric(text, "imgcls_batch_size_sum", model="tiny") == 64
+    assert batches < 64  # some batches held more than one image
+
+
+def test_health_not_serving_until_loaded_then_serving_then_draining(service_repo):
+    release = threading.Event()
+
+    def slow_load(entry, runtime):
+        assert release.wait(20)
+        return runtime
+
+    with running_server(service_repo, runtime_hook=slow_load, wait=False) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.InferenceStub(channel)
+
+        def status(service: str = "") -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("imgcls.v1.Inference") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as exc_info:
+            stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[0]]), timeout=5)
+        assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The client retries UNAVAILABLE: a call made while loading succeeds once the models are up.
+        with client_for(server, retries=8, backoff=0.05) as client, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.predict, [IMAGES[0]], model="tiny", timeout=20)
+            time.sleep(0.3)
+            release.set()
+            assert pending.result().results[0].ok
+            with pytest.raises(ServiceError) as no_retry:
+                client.predict([IMAGES[0]], model="nope")
+            assert no_retry.value.code == grpc.StatusCode.NOT_FOUND
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+
+
+def test_drain_finishes_calls_in_flight_and_refuses_new_ones(gated):
+    server, gate = gated
+    gate.gate.clear()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.InferenceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    in_flight = _future(stub, IMAGES[0])
+    assert gate.entered.wait(5)
+    drainer = threading.Thread(target=server.drain, kwargs={"grace": 10})
+    drainer.start()
+    wait_for(lambda: not server.accepting)
+    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as exc_info:
+        stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[1]]), timeout=5)
+    assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "draining" in exc_info.value.details()
+    gate.gate.set()
+    assert in_flight.result(timeout=10).results[0].status.code == 0
+    drainer.join(10)
+    assert not drainer.is_alive()
+    channel.close()
