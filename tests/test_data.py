@@ -36,6 +36,11 @@ def test_presplit_folder_is_used_as_is(tmp_path):
     ds = data.scan(tmp_path)
     assert ds.presplit
     assert [len(ds.splits[s]) for s in data.SPLITS] == [12, 4, 6]
+    shutil.rmtree(tmp_path / "val")  # no val/: carved from train/, stratified, test/ untouched
+    carved = data.scan(tmp_path, val_fraction=0.5)
+    assert [len(carved.splits[s]) for s in data.SPLITS] == [6, 6, 6]
+    assert carved.splits["val"].counts(carved.class_names) == {"class_0": 3, "class_1": 3}
+    make_dataset(tmp_path / "val", classes=2, per_class=2, size=16)
     (tmp_path / "val" / "class_9").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "class_9" / "x.png")
     with pytest.raises(ImgclsError, match="classes not in train"):

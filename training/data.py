@@ -121,6 +121,8 @@ def scan(
                     split.files.append(str(path.relative_to(root)))
                     split.labels.append(idx)
             splits[name] = split
+        if not splits["val"].files and val_fraction > 0:
+            _carve_val(splits, val_fraction, seed)
         for name in SPLITS:
             if (root / name).is_dir():
                 skipped += [(str(p.relative_to(root)), "not an image file extension")
@@ -145,6 +147,21 @@ def scan(
                 splits[name].files += part
                 splits[name].labels += [idx] * len(part)
     return Dataset(root=root, class_names=class_names, splits=splits, presplit=presplit, skipped=skipped)
+
+
+def _carve_val(splits: dict[str, Split], fraction: float, seed: int) -> None:
+    """A pre-split folder without val/: take a stratified validation split from train/."""
+    rng = random.Random(seed)
+    train, val = Split(), Split()
+    for label in sorted(set(splits["train"].labels)):
+        files = [f for f, lab in zip(splits["train"].files, splits["train"].labels, strict=True) if lab == label]
+        rng.shuffle(files)
+        n_val = max(1, round(len(files) * fraction)) if len(files) >= 3 else 0
+        val.files += files[:n_val]
+        val.labels += [label] * n_val
+        train.files += files[n_val:]
+        train.labels += [label] * (len(files) - n_val)
+    splits["train"], splits["val"] = train, val
 
 
 def _check_classes(folder: Path, class_names: list[str], by_class: dict[str, list[Path]]) -> None:
