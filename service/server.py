@@ -164,7 +164,10 @@ class InferenceServer:
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self._grpc_pool = ThreadPoolExecutor(cfg.grpc_workers, thread_name_prefix="grpc")
-        self._grpc = grpc.server(self._grpc_pool, options=options)
+        # Calls beyond the handler threads wait in gRPC's own queue; past this many, gRPC itself answers
+        # RESOURCE_EXHAUSTED, so a flood of single-image calls is bounded like a full batcher queue.
+        self._grpc = grpc.server(self._grpc_pool, options=options,
+                                 maximum_concurrent_rpcs=cfg.grpc_workers + cfg.max_queue_size)
         pb_grpc.add_InferenceServicer_to_server(Servicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -211,7 +214,8 @@ class InferenceServer:
         if self.runtime_hook is not None:
             runtime = self.runtime_hook(entry, runtime)
         h, w = entry.manifest.preprocessing.input_size
-        for n in sorted({1, cfg.max_batch_size}):  # warm-up: first calls allocate and compile
+        # Warm-up: first calls allocate and compile (and create TFLite's per-size interpreters).
+        for n in sorted({1 << i for i in range(cfg.max_batch_size.bit_length())} | {cfg.max_batch_size}):
             out = runtime.run(np.zeros((n, h, w, 3), np.float32))
             if out.shape != (n, entry.manifest.num_classes):
                 raise ImgclsError(f"{entry.folder} ({fmt}): output shape {out.shape}, expected "
