@@ -267,3 +267,20 @@ def test_drain_finishes_calls_in_flight_and_refuses_new_ones(gated):
     drainer.join(10)
     assert not drainer.is_alive()
     channel.close()
+
+
+def test_cancelled_stream_frees_its_slots_and_is_no_longer_in_flight(gated):
+    server, gate = gated
+    gate.gate.clear()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.InferenceStub(channel)
+    requests = (pb.PredictRequest(model_name="tiny", images=[IMAGES[i]], request_id=str(i)) for i in range(3))
+    stream = stub.PredictStream(requests, timeout=20)
+    assert gate.entered.wait(5)
+    wait_for(lambda: server.models["tiny"][2].batcher.depth == 2)  # one in the model, two queued
+    stream.cancel()
+    wait_for(lambda: server.models["tiny"][2].batcher.depth == 0)
+    gate.gate.set()
+    wait_for(lambda: metric(scrape(server), "imgcls_inflight_requests", method="PredictStream") == 0)
+    assert gate.images_seen() == 1
+    channel.close()
