@@ -8,6 +8,7 @@ ones the service compares: `batch1_p50_ms`, `batch1_p90_ms`, `batch32_images_per
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -30,8 +31,6 @@ class BenchSettings:
 
 
 def machine() -> dict:
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": platform.processor() or platform.machine(), "cores_available": cores,
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
@@ -63,6 +62,7 @@ def benchmark(runner: Runner, images: np.ndarray, settings: BenchSettings) -> di
     batched = _times(runner.run, many, settings.batch_runs)
     b = settings.batch_size
     return {
+        "load_1m": round(os.getloadavg()[0], 2),  # the machine may be shared: context for the figures
         "threads": settings.threads,
         "batch1_p50_ms": round(float(np.median(single)), 3),
         "batch1_p90_ms": round(float(np.percentile(single, 90)), 3),
