@@ -40,7 +40,7 @@ def run(entry: Path, threads: int, rounds: int, settings: BenchSettings, formats
     chosen = [a for a in manifest.artifacts if not formats or a.format in formats]
     if any(a.format == "savedmodel" for a in chosen):
         set_tensorflow_threads(threads)
-    runners = {a.format: open_runner(a.format, entry / a.file, threads) for a in chosen}
+    runners = {a.format: open_runner(a.format, entry / a.file, threads, settings.tflite_max_chunk) for a in chosen}
     per_round: dict[str, list[dict]] = {fmt: [] for fmt in runners}
     for r in range(rounds):
         for fmt, runner in runners.items():

@@ -4,6 +4,9 @@ Batch 1: median and p90 latency over `batch1_runs` calls after a warm-up. Batch 
 median time of `batch_runs` calls (the median, not the mean, because the machine is shared and a
 neighbour's burst should not decide which runtime the server picks). The keys written here are the
 ones the service compares: `batch1_p50_ms`, `batch1_p90_ms`, `batch32_images_per_s`, `threads`.
+The runners mirror the service's settings: onnxruntime without spinning threads, TFLite batches run as
+power-of-two chunks of at most 8 on cached interpreters (`tflite_max_chunk`; XNNPACK time per image is
+flat in the batch size, memory is not).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class BenchSettings:
     batch_runs: int = 10
     warmup: int = 3
     batch_size: int = 32
+    tflite_max_chunk: int | None = 8  # the service runs TFLite batches in power-of-two chunks of at most 8
 
     def describe(self) -> dict:
         return {**asdict(self), "machine": machine()}
@@ -70,4 +74,5 @@ def benchmark(runner: Runner, images: np.ndarray, settings: BenchSettings) -> di
         f"batch{b}_p50_ms": round(float(np.median(batched)) * 1000, 3),
         f"batch{b}_images_per_s": round(b / float(np.median(batched)), 2),
         f"batch{b}_runs": settings.batch_runs,
+        **({"tflite_max_chunk": settings.tflite_max_chunk} if getattr(runner, "max_chunk", None) else {}),
     }

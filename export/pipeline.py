@@ -170,8 +170,8 @@ def run_export(cfg: ExportConfig) -> dict:
             bench_images = np.concatenate(list(sample.batches(spec, settings.batch_size))[:1])
             for fmt in formats:
                 with progress.step(f"benchmark_{fmt}", f"benchmarking {fmt} ({cfg.threads} threads)"):
-                    benchmarks[fmt] = benchmark(open_runner(fmt, work / convert.FILES[fmt], cfg.threads),
-                                                bench_images, settings)
+                    runner = open_runner(fmt, work / convert.FILES[fmt], cfg.threads, settings.tflite_max_chunk)
+                    benchmarks[fmt] = benchmark(runner, bench_images, settings)
 
         with progress.step("describe", "hashing artifacts and writing the manifest"):
             artifacts = [_artifact(fmt, work, results[fmt], extras[fmt], benchmarks.get(fmt), reference_runner)

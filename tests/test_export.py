@@ -207,3 +207,17 @@ def test_subsample_is_stratified_and_seeded():
     assert picked == subsample(rows, 20, seed=3) != subsample(rows, 20, seed=4)
     assert subsample(rows, None, 0) == rows
 
+
+
+@pytest.mark.slow
+def test_chunked_tflite_runner_matches_one_batch(entry, synthetic_data):
+    """The benchmark runs TFLite in power-of-two chunks like the service; the results must not change."""
+    from imgcls.export.runners import TFLiteRunner
+
+    repo, _ = entry
+    folder = repo / "tiny" / "1"
+    spec = read_manifest(folder).preprocessing
+    x = np.stack([preprocess_file(f, spec) for f in sorted(synthetic_data.rglob("*.jpg"))[:13]])
+    whole = TFLiteRunner(folder / "model.tflite", 1).run(x)
+    chunked = TFLiteRunner(folder / "model.tflite", 1, max_chunk=8).run(x)
+    assert chunked.shape == (13, 3) and np.abs(whole - chunked).max() < 1e-5
