@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls.errors import ImgclsError
+
 FAULT_ENV = "IMGCLS_EXPORT_FAULT"
 FAULTS = ("int8-calibration", "corrupt-onnx", "truncate-tflite", "truncate-tflite-fp16", "truncate-tflite-int8",
           "truncate-onnx")
@@ -23,7 +25,7 @@ FAULTS = ("int8-calibration", "corrupt-onnx", "truncate-tflite", "truncate-tflit
 def active(configured: str | None) -> str | None:
     fault = configured or os.environ.get(FAULT_ENV) or None
     if fault is not None and fault not in FAULTS:
-        raise ValueError(f"{FAULT_ENV}={fault!r}: unknown fault, expected one of {FAULTS}")
+        raise ImgclsError(f"{FAULT_ENV}={fault!r}: unknown fault, expected one of {', '.join(FAULTS)}")
     return fault
 
 
