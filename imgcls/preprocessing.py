@@ -116,7 +116,9 @@ def decode_image(
             return _to_rgb(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a decodable image (unknown or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"not a decodable image ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
