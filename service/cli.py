@@ -79,6 +79,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
     predict.set_defaults(func=predict_command)
 
+    batch = sub.add_parser(
+        "batch", help="classify a folder, glob or list of files through a running server (resumable)",
+        description="Classify many files through a running imgcls server: results are appended to --output as "
+                    "they arrive, and re-running the same command resumes where it stopped. Exit codes: 0 all "
+                    "files answered, 1 some files failed, 2 usage error, 3 server unavailable (re-run to resume), "
+                    "130 interrupted.")
+    _flag(batch, "--target", "server address HOST:PORT", "localhost:50051")
+    batch.add_argument("--input", required=True, metavar="PATH",
+                       help="a folder (searched recursively for images), a quoted glob ('photos/**/*.jpg') or a "
+                            "text file with one path per line (relative to the file's folder)")
+    batch.add_argument("--output", required=True, type=Path, metavar="FILE",
+                       help="results file, .jsonl (the `imgcls predict --json` records) or .csv; appended to")
+    batch.add_argument("--format", dest="output_format", choices=["jsonl", "csv"], default=None,
+                       help="output format (default: from the --output extension)")
+    batch.add_argument("--model", default="", help="model name (default: the server's only model)")
+    batch.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    batch.add_argument("--top-k", type=int, default=5, help="labels per file (default 5)")
+    batch.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
+    batch.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    batch.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt (default 60)")
+    batch.add_argument("--retries", type=int, default=8,
+                       help="retries of a request answered UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED "
+                            "(default 8)")
+    batch.add_argument("--backoff", type=float, default=0.2, help="first retry delay in seconds, doubled per retry")
+    batch.add_argument("--max-backoff", type=float, default=10.0, help="cap on the retry delay (default 10 s)")
+    batch.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                       help="split requests larger than this (default 16 MiB)")
+    batch.add_argument("--retry-errors", action="store_true",
+                       help="remove the error rows of earlier runs from --output and send those files again")
+    batch.add_argument("--allow-failures", action="store_true", help="exit 0 even when some files failed")
+    batch.add_argument("--labels-from-folders", action="store_true",
+                       help="the first folder below --input is each file's class: report accuracy per class")
+    progress = batch.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="progress bar on stderr (default: when stderr is a terminal; else a line every 10 s)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    batch.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    batch.set_defaults(func=batch_command)
+
 
 def _runtimes(text: str) -> tuple[str | None, dict[str, str]]:
     default, per_model = None, {}
@@ -114,17 +153,13 @@ def serve_command(args: argparse.Namespace) -> int:
     return InferenceServer(config).serve_forever()
 
 
-def _read_error(exc: OSError) -> dict[str, str]:
-    code = {FileNotFoundError: "NOT_FOUND", PermissionError: "PERMISSION_DENIED"}.get(type(exc), "INVALID_ARGUMENT")
-    return {"code": code, "message": exc.strerror or str(exc)}
-
-
 def predict_records(client: Any, files: list[Path], *, model: str, version: int, top_k: int,
                     batch_size: int, timeout: float) -> list[dict[str, Any]]:
     """One record per file, in order: the shape `imgcls batch` writes too."""
     import grpc
 
     from imgcls.service.client import ErrorInfo, ServiceError
+    from imgcls.service.records import error_record, ok_record, read_error_record
 
     meta = client.metadata(model, version, timeout=timeout)  # fails once for a wrong model, not per file
     records: list[dict[str, Any] | None] = [None] * len(files)
@@ -133,7 +168,7 @@ def predict_records(client: Any, files: list[Path], *, model: str, version: int,
         try:
             pending.append((i, path.read_bytes()))
         except OSError as exc:
-            records[i] = {"path": str(path), "error": _read_error(exc)}
+            records[i] = read_error_record(str(path), exc)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         try:
@@ -148,11 +183,9 @@ def predict_records(client: Any, files: list[Path], *, model: str, version: int,
         for (i, _), (labels, error) in zip(chunk, results, strict=True):
             path = str(files[i])
             if error is not None:
-                records[i] = {"path": path, "error": {"code": error.code, "message": error.message}}
+                records[i] = error_record(path, error.code, error.message)
             else:
-                records[i] = {"path": path, "model": meta.name, "version": meta.version,
-                              "labels": [{"index": lb.index, "name": lb.name, "score": round(lb.score, 6)}
-                                         for lb in labels]}
+                records[i] = ok_record(path, meta.name, meta.version, labels)
     return [r for r in records if r is not None]
 
 
@@ -188,3 +221,11 @@ def predict_command(args: argparse.Namespace) -> int:
         print(_table(records))
     sys.stdout.flush()
     return 1 if any("error" in r for r in records) else 0
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    from imgcls.service.batch import BatchConfig, run_command
+
+    fields = BatchConfig.__dataclass_fields__
+    config = BatchConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return run_command(config, json_summary=args.json)

@@ -1,0 +1,547 @@
+"""`imgcls batch`: classify a folder, a glob or a list of files through a running imgcls server.
+
+Design, and why:
+
+- Unary `Predict` calls, `--concurrency` of them in flight, each with up to `--batch-size` images. The
+  server's dynamic batcher merges concurrent requests into model batches anyway, so this is as fast as the
+  streaming RPC, and a failed unary call can be retried on its own (a stream cannot be replayed).
+- Lazy all the way: paths come from a generator, at most 2 x `--concurrency` requests are queued (paths
+  only; a worker reads the files just before sending them), and each answered request is appended to the
+  output and flushed at once. Memory does not depend on the number of files, except 8 bytes per answered
+  path for resume and de-duplication (`batch_io.PathIndex`).
+- Failures: a file that cannot be read, or that the server rejects, becomes an error row and the job goes
+  on. UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED are retried with exponential backoff (with
+  jitter, capped at `--max-backoff`). If a request still fails after `--retries`, the server is considered
+  gone: no error rows are written for those files, the requests in flight finish, and the job stops with
+  exit code 3 so that re-running it resumes where it stopped (rather than filling the output with
+  UNAVAILABLE rows that a later run would have to redo).
+- Resume: the output is the job's state. Files already in it are skipped; a partial last row from a kill
+  is cut; `--retry-errors` removes the error rows first so those files are sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import grpc
+
+from imgcls.errors import ImgclsError
+from imgcls.service.batch_io import (
+    InputSource,
+    PathIndex,
+    ResultWriter,
+    open_input,
+    output_format,
+    path_key,
+    read_existing,
+)
+from imgcls.service.client import Client, ServiceError
+from imgcls.service.records import error_record, ok_record, read_error_record
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.DEADLINE_EXCEEDED})
+# Codes that no retry and no other file can fix: the job as configured cannot run.
+FATAL = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
+                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the client channel's limit, as the server's default
+
+EXIT_OK, EXIT_FAILED_FILES, EXIT_SERVER_GONE, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass
+class BatchConfig:
+    """Everything `imgcls batch` can be told (see docs/batch.md)."""
+
+    target: str
+    input: str
+    output: Path
+    model: str = ""
+    version: int = 0  # 0 = the latest the server has
+    top_k: int = 5
+    output_format: str | None = None  # None: from the output's extension
+    batch_size: int = 16  # images per request
+    concurrency: int = 4  # requests in flight
+    timeout: float = 60.0  # seconds per attempt
+    retries: int = 8
+    backoff: float = 0.2  # first retry delay, doubled each time
+    max_backoff: float = 10.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    retry_errors: bool = False
+    allow_failures: bool = False
+    labels_from_folders: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal, a line every 10 s otherwise
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size", "concurrency", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ImgclsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0 or self.timeout <= 0:
+            raise ImgclsError("--retries, --backoff and --max-backoff must be >= 0 and --timeout > 0")
+
+
+class ServerGone(Exception):
+    """A request still failed with a retryable code after every retry: stop, resume later."""
+
+    def __init__(self, exc: ServiceError, retries: int) -> None:
+        super().__init__(f"{exc.code.name} after {retries} retries: {exc.message}")
+        self.code = exc.code
+
+
+class _Stopped(Exception):
+    """The job is stopping; the request was not completed (its files stay unanswered)."""
+
+
+@dataclass
+class _ChunkResult:
+    records: list[dict[str, Any]]
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Accuracy of the served model when the class is the file's folder (`--labels-from-folders`)."""
+
+    class_names: list[str]
+    top_k: int
+    support: Counter = field(default_factory=Counter)
+    correct: Counter = field(default_factory=Counter)
+    correct_top_k: Counter = field(default_factory=Counter)
+    predicted: Counter = field(default_factory=Counter)
+    failed: int = 0
+    unlabelled: int = 0
+    unknown: Counter = field(default_factory=Counter)  # folder names that are not classes (first few kept)
+
+    def add(self, true: str | None, record: dict[str, Any]) -> None:
+        if "error" in record:
+            self.failed += 1
+            return
+        if true is None:
+            self.unlabelled += 1
+            return
+        if true not in self.class_names:
+            if true in self.unknown or len(self.unknown) < 20:
+                self.unknown[true] += 1
+            self.unlabelled += 1
+            return
+        names = [label["name"] for label in record["labels"]]
+        self.support[true] += 1
+        if names:
+            self.predicted[names[0]] += 1
+            self.correct[true] += names[0] == true
+            self.correct_top_k[true] += true in names[: self.top_k]
+
+    def report(self) -> dict[str, Any]:
+        files = sum(self.support.values())
+        per_class = []
+        for name in self.class_names:
+            n, ok, predicted = self.support[name], self.correct[name], self.predicted[name]
+            per_class.append({"class": name, "files": n, "correct": ok,
+                              "recall": ok / n if n else None, "precision": ok / predicted if predicted else None})
+        return {
+            "files": files, "correct": sum(self.correct.values()),
+            "accuracy": sum(self.correct.values()) / files if files else None,
+            "top_k": self.top_k, "top_k_accuracy": sum(self.correct_top_k.values()) / files if files else None,
+            "failed": self.failed, "unlabelled": self.unlabelled, "unknown_folders": dict(self.unknown),
+            "per_class": per_class,
+        }
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar on a terminal, else a plain line every `interval` seconds (readable in CI logs).
+
+    The total is counted by a background walk over the input, so the job starts at once and the bar gets
+    its ETA when the count is in.
+    """
+
+    def __init__(self, enabled: bool | None, interval: float = 10.0) -> None:
+        tty = sys.stderr.isatty()
+        self.mode = ("bar" if tty else "lines") if enabled is None else ("bar" if enabled and tty else
+                                                                            "lines" if enabled else "off")
+        self.total: int | None = None
+        self.done = 0
+        self.started = time.monotonic()
+        self.last_line = self.started
+        self.interval = interval
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, unit="img", desc="batch", dynamic_ncols=True, file=sys.stderr)
+
+    def count_in_background(self, paths: Iterable[str], skip: Callable[[str], bool]) -> None:
+        if self.mode == "off":
+            return
+
+        def count() -> None:
+            try:
+                self.total = sum(1 for p in paths if not skip(p))
+            except Exception as exc:  # only the ETA is lost
+                log.debug("counting the input failed: %s", exc)
+
+        threading.Thread(target=count, name="batch-count", daemon=True).start()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            if self.total is not None and self.bar.total != self.total:
+                self.bar.total = max(self.total, self.done)
+                self.bar.refresh()
+            self.bar.update(n)
+        elif self.mode == "lines" and time.monotonic() - self.last_line >= self.interval:
+            self.last_line = time.monotonic()
+            rate = self.done / max(1e-9, self.last_line - self.started)
+            eta = ""
+            if self.total is not None and rate > 0:
+                left = max(0, self.total - self.done) / rate
+                eta = f", ETA {int(left // 60)}:{int(left % 60):02d}"
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"batch: {self.done}{of} files, {rate:.1f} images/s{eta}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the job ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSummary:
+    """What `imgcls batch` prints at the end (`--json`: this, as one object)."""
+
+    input: str
+    input_kind: str
+    output: str
+    format: str
+    model: str
+    version: int
+    files: int = 0  # rows written by this run
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0  # already answered in the output
+    duplicates: int = 0  # listed more than once in the input
+    retries: int = 0
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+    output_rows: int = 0  # the whole output after this run
+    output_failed: int = 0
+    cut_partial_row: bool = False
+    retried_error_rows: int = 0  # error rows removed by --retry-errors and sent again
+    stopped: str | None = None  # why the job ended early (interrupted, server gone)
+    exit_code: int = 0
+    first_failures: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _too_large(exc: ServiceError) -> bool:
+    return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in exc.message
+
+
+class BatchJob:
+    """One run of `imgcls batch`. `run()` returns the summary; the CLI prints it and exits with its code."""
+
+    def __init__(self, config: BatchConfig, *, client: Client | None = None) -> None:
+        config.validate()
+        self.cfg = config
+        self.source: InputSource = open_input(config.input)
+        self.fmt = output_format(config.output, config.output_format)
+        self.client = client or Client(config.target, timeout=config.timeout, retries=0,
+                                       max_message_bytes=MAX_MESSAGE_BYTES)
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.model, self.top_k = config.model, config.top_k  # resolved from the server's metadata in run()
+
+    # -- retries --
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter (so many clients do not retry in step), capped."""
+        return min(self.cfg.max_backoff, self.cfg.backoff * (2 ** attempt)) * random.uniform(0.5, 1.0)
+
+    def _with_retries(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.cfg.retries + 1):
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                return call()
+            except ServiceError as exc:
+                if exc.code not in RETRYABLE or _too_large(exc):
+                    raise
+                if attempt == self.cfg.retries:
+                    raise ServerGone(exc, self.cfg.retries) from None
+                log.debug("%s, retry %d", exc, attempt + 1)
+            except ValueError:  # "Cannot invoke RPC on closed channel": the job is stopping
+                if self.stop.is_set():
+                    raise _Stopped from None
+                raise
+            with self._lock:
+                self.retries += 1
+            if self.stop.wait(self._delay(attempt)):
+                raise _Stopped
+        raise AssertionError("unreachable")
+
+    # -- one request's worth of files --
+
+    def _process(self, paths: list[str]) -> _ChunkResult:
+        records: list[dict[str, Any]] = []
+        items: list[tuple[str, bytes]] = []
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_MESSAGE_BYTES)
+                    if f.read(1):
+                        records.append(error_record(path, "INVALID_ARGUMENT", "file is larger than the "
+                                                    f"{MAX_MESSAGE_BYTES} bytes a request may carry"))
+                        continue
+            except OSError as exc:
+                records.append(read_error_record(path, exc))
+                continue
+            items.append((path, data))
+        group: list[tuple[str, bytes]] = []
+        size = 0
+        for path, data in items:  # split further so that no request goes over --max-request-bytes
+            if group and size + len(data) > self.cfg.max_request_bytes:
+                records += self._send(group)
+                group, size = [], 0
+            group.append((path, data))
+            size += len(data)
+        if group:
+            records += self._send(group)
+        return _ChunkResult(records)
+
+    def _send(self, group: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        try:
+            prediction = self._with_retries(lambda: self.client.predict(
+                [data for _, data in group], model=self.model, version=self.cfg.version, top_k=self.top_k,
+                timeout=self.cfg.timeout))
+        except ServiceError as exc:
+            if len(group) > 1 and _too_large(exc):  # the server takes smaller messages than we sent
+                half = len(group) // 2
+                return self._send(group[:half]) + self._send(group[half:])
+            if len(group) == 1 and (exc.code == grpc.StatusCode.INVALID_ARGUMENT or _too_large(exc)):
+                return [error_record(group[0][0], exc.code.name, exc.message)]  # the image itself
+            if exc.code in FATAL or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                hint = " (lower --batch-size?)" if exc.code == grpc.StatusCode.INVALID_ARGUMENT else ""
+                raise ImgclsError(f"the server refused the job: {exc}{hint}") from None
+            return [error_record(path, exc.code.name, exc.message) for path, _ in group]  # INTERNAL, ...
+        out = []
+        for (path, _), result in zip(group, prediction.results, strict=True):
+            if result.error is not None:
+                out.append(error_record(path, result.error.code, result.error.message))
+            else:
+                out.append(ok_record(path, prediction.model, prediction.version, result.labels))
+        return out
+
+    # -- the whole job --
+
+    def run(self) -> BatchSummary:
+        """Classify every file of the input not yet in the output; see the module docstring."""
+        try:
+            return self._run()
+        finally:
+            self.stop.set()
+            self.client.close()  # also cancels calls still in flight after an interrupt
+
+    def _run(self) -> BatchSummary:
+        cfg = self.cfg
+        started = time.monotonic()
+        try:
+            meta = self._with_retries(lambda: self.client.metadata(cfg.model, cfg.version, timeout=cfg.timeout))
+        except (ServiceError, ServerGone) as exc:
+            raise ImgclsError(f"cannot get model {cfg.model or '(the only one)'!r} from {cfg.target}: {exc}") from None
+        self.model, self.top_k = meta.name, min(cfg.top_k, len(meta.class_names))
+        evaluation = Evaluation(list(meta.class_names), self.top_k) if cfg.labels_from_folders else None
+        on_record = (lambda r: evaluation.add(self.source.true_label(r["path"]), r)) if evaluation else None
+        existing = read_existing(cfg.output, self.fmt, self.top_k, retry_errors=cfg.retry_errors,
+                                 on_record=on_record)
+        if existing.models and meta.name not in existing.models:
+            raise ImgclsError(f"{cfg.output} holds results of model {', '.join(sorted(existing.models))}, not "
+                              f"{meta.name}; choose another --output")
+        summary = BatchSummary(input=cfg.input, input_kind=self.source.kind, output=str(cfg.output),
+                               format=self.fmt, model=meta.name, version=meta.version,
+                               cut_partial_row=existing.truncated_bytes > 0,
+                               retried_error_rows=existing.dropped_errors)
+        answered = PathIndex(existing.keys)  # earlier runs
+        seen = PathIndex()  # this run (duplicates in the input)
+
+        def todo() -> Iterator[str]:
+            for path in self.source:
+                key = path_key(path)
+                if key in answered:
+                    summary.skipped += 1
+                elif key in seen:
+                    summary.duplicates += 1
+                else:
+                    seen.add(key)
+                    yield path
+
+        progress = Progress(cfg.progress)
+        progress.count_in_background(self.source, lambda p: path_key(p) in answered)
+        writer = ResultWriter(cfg.output, self.fmt, self.top_k)
+        pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="batch")
+        pending: dict[Future[_ChunkResult], int] = {}
+        fatal: ImgclsError | None = None
+
+        def collect(block: bool) -> None:
+            nonlocal fatal
+            done, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for future in done:
+                pending.pop(future)
+                try:
+                    result = future.result()
+                except _Stopped:
+                    continue
+                except ServerGone as exc:
+                    if summary.stopped is None:
+                        summary.stopped = f"server unavailable ({exc}); re-run the same command to resume"
+                    self.stop.set()
+                    continue
+                except ImgclsError as exc:
+                    fatal = fatal or exc
+                    self.stop.set()
+                    continue
+                writer.write(result.records)
+                for record in result.records:
+                    summary.files += 1
+                    if "error" in record:
+                        summary.failed += 1
+                        if len(summary.first_failures) < 5:
+                            summary.first_failures.append(record)
+                    if evaluation is not None:
+                        evaluation.add(self.source.true_label(record["path"]), record)
+                summary.ok = summary.files - summary.failed
+                progress.update(len(result.records))
+
+        try:
+            for chunk in _chunks(todo(), cfg.batch_size):
+                while len(pending) >= 2 * cfg.concurrency:  # bounded: paths of at most this many requests
+                    collect(block=True)
+                if self.stop.is_set():
+                    break
+                pending[pool.submit(self._process, chunk)] = len(chunk)
+            while pending:  # after a failure too: what the server answered is kept
+                collect(block=True)
+        except KeyboardInterrupt:
+            summary.stopped = "interrupted; re-run the same command to resume"
+            summary.exit_code = EXIT_INTERRUPTED
+        finally:
+            self.stop.set()
+            self.client.close()  # cancels calls still in flight after an interrupt
+            pool.shutdown(wait=False, cancel_futures=True)
+            writer.close()
+            progress.close()
+        if fatal is not None:
+            raise fatal
+
+        summary.retries = self.retries
+        summary.wall_seconds = time.monotonic() - started
+        summary.images_per_second = summary.files / summary.wall_seconds if summary.wall_seconds > 0 else 0.0
+        summary.output_rows = existing.rows + summary.files
+        summary.output_failed = existing.failed + summary.failed
+        summary.evaluation = evaluation.report() if evaluation else None
+        if summary.exit_code == EXIT_OK:
+            if summary.stopped:
+                summary.exit_code = EXIT_SERVER_GONE
+            elif summary.output_failed and not cfg.allow_failures:
+                summary.exit_code = EXIT_FAILED_FILES
+        return summary
+
+
+# --- reporting --------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def format_summary(s: BatchSummary) -> str:
+    lines = [
+        f"batch: {s.files} files in {s.wall_seconds:.1f} s ({s.images_per_second:.1f} images/s), "
+        f"{s.failed} failed, {s.skipped} already answered, {s.duplicates} duplicates, {s.retries} retries",
+        f"output: {s.output} ({s.format}, {s.output_rows} rows, {s.output_failed} failed); "
+        f"model {s.model} v{s.version}",
+    ]
+    if s.cut_partial_row:
+        lines.append("note: a partial last row from an interrupted run was cut; that file was sent again")
+    if s.retried_error_rows:
+        lines.append(f"note: {s.retried_error_rows} error rows from earlier runs were removed and sent again")
+    for r in s.first_failures:
+        lines.append(f"failed: {r['path']}: {r['error']['code']}: {r['error']['message']}")
+    if s.failed > len(s.first_failures):
+        lines.append(f"failed: ... {s.failed - len(s.first_failures)} more (rows with \"error\" in the output)")
+    e = s.evaluation
+    if e is not None:
+        if e["files"]:
+            top = f", top-{e['top_k']} {_pct(e['top_k_accuracy'])}" if e["top_k"] > 1 else ""
+            lines.append(f"accuracy: {_pct(e['accuracy'])} ({e['correct']}/{e['files']} labelled files{top})")
+            width = max(5, *(len(c["class"]) for c in e["per_class"]))
+            lines.append(f"{'class':<{width}}  {'files':>6}  {'correct':>7}  {'recall':>7}  {'precision':>9}")
+            for c in e["per_class"]:
+                lines.append(f"{c['class']:<{width}}  {c['files']:>6}  {c['correct']:>7}  {_pct(c['recall']):>7}  "
+                             f"{_pct(c['precision']):>9}")
+        else:
+            lines.append("accuracy: no labelled files (the class is the first folder below the input)")
+        if e["unlabelled"]:
+            names = ", ".join(sorted(e["unknown_folders"])[:5])
+            lines.append(f"note: {e['unlabelled']} files not in a class folder" + (f" ({names})" if names else ""))
+    if s.stopped:
+        lines.append(f"stopped: {s.stopped}")
+    return "\n".join(lines)
+
+
+def summary_dict(s: BatchSummary) -> dict[str, Any]:
+    return asdict(s)
+
+
+def run_command(cfg: BatchConfig, *, json_summary: bool = False, out: TextIO | None = None) -> int:
+    """Run the job, print the summary (text or one JSON object) on stdout, return the exit code."""
+    import json
+    import signal
+
+    out = out or sys.stdout
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops the job like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        summary = BatchJob(cfg).run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if json_summary:
+        out.write(json.dumps(summary_dict(summary)) + "\n")
+    else:
+        out.write(format_summary(summary) + "\n")
+    out.flush()
+    return summary.exit_code
+
