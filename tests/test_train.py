@@ -140,19 +140,39 @@ def test_augmentation_only_in_training():
     assert not np.allclose(aug(x, training=True).numpy(), x)
 
 
-def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path):
+@pytest.mark.parametrize("backbone,n_top", [("mobilenet_v2", 29), ("resnet50", 12), ("efficientnet_b0", 20)])
+def test_split_base_is_the_same_function_with_the_same_trainable_weights(backbone, n_top):
+    """Cached-activation fine-tuning trains exactly the layers (and function) live fine-tuning would."""
+    from imgcls.training import model as model_mod
+
+    models = model_mod.build_models(get_backbone(backbone), 64, 3, weights="none")
+    model_mod.unfreeze_top(models, n_top)
+    split = model_mod.split_base(models, n_top)
+    x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
+    act = split.lower.predict(x, verbose=0)
+    np.testing.assert_allclose(split.upper.predict(act, verbose=0), models.inference.predict(x, verbose=0),
+                               atol=1e-6)
+    assert {w.name for w in split.upper.trainable_weights} == {w.name for w in models.inference.trainable_weights}
+    assert not split.lower.trainable_weights or all(
+        w.name not in {v.name for v in split.upper.trainable_weights} for w in split.lower.trainable_weights)
+
+
+@pytest.mark.parametrize("extra,phase2_cut", [([], "block5_conv1"), (["--fine-tune-augment"], None)])
+def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path, extra, phase2_cut):
     out = tmp_path / "ft"
     assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
                  "--weights", "none", "--input-size", "32", "--epochs", "4", "--learning-rate", "0.01",
                  "--fine-tune-layers", "3", "--fine-tune-epochs", "2", "--fine-tune-lr", "1e-4",
-                 "--class-weights", "--json"]) == 0
+                 "--class-weights", "--json", *extra]) == 0
     m = read_manifest(out)
-    assert m.training["unfrozen_layers"] == ["block5_conv3"] or m.training["unfrozen_layers"]
+    assert m.training["unfrozen_layers"] == ["block5_conv2", "block5_conv3"]
+    assert m.training["activation_cache_cut"] == phase2_cut
     assert m.training["fine_tune_layers"] == 3 and m.training["class_weights"] is True
     phases = {line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]}
     assert phases == {"head", "fine-tune"}
     assert (out / "checkpoints" / "phase2_best.weights.h5").exists()
     assert any((out / "logs" / "phase2").rglob("events.out.tfevents.*"))
+    assert m.metrics["test_accuracy"] >= 0.9
 
 
 def test_augmented_head_phase_without_feature_cache(tmp_path: Path, synthetic_data: Path):

@@ -39,8 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="phase 2: unfreeze the top N base layers (0 = head only)")
     t.add_argument("--fine-tune-epochs", type=int, default=10)
     t.add_argument("--fine-tune-lr", type=float, default=1e-5)
-    t.add_argument("--no-fine-tune-augment", dest="fine_tune_augment", action="store_false",
-                   help="fine-tune without augmentation")
+    t.add_argument("--fine-tune-augment", action="store_true",
+                   help="fine-tune on randomly augmented images (slow on a CPU: a full forward pass per image "
+                        "per epoch) instead of on activations cached below the unfrozen layers")
+    t.add_argument("--activation-cache-gb", type=float, default=6.0,
+                   help="memory limit for cached activations; above it phase 2 trains on images")
     t.add_argument("--patience", type=int, default=4, help="early-stopping patience (epochs)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

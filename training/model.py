@@ -51,9 +51,9 @@ def build_base(backbone: Backbone, input_size: int, weights: str) -> tf_keras.Mo
         try:
             return cls(weights="imagenet", **kwargs)
         except Exception as exc:  # get_file raises a bare Exception on a failed download
-            expected = (
-                backbone.imagenet_file.format(size=input_size) if backbone.imagenet_file else "its no-top .h5 file"
-            )
+            # Keras' MobileNet files exist for these sizes and it falls back to the 224 file otherwise.
+            rows = input_size if input_size in (96, 128, 160, 192, 224) else 224
+            expected = backbone.imagenet_file.format(size=rows) if backbone.imagenet_file else "its no-top .h5 file"
             raise ImgclsError(
                 f"ImageNet weights for {backbone.name} are not in the Keras cache "
                 f"({keras_cache_dir() / 'models' / expected}) and could not be downloaded "
@@ -165,3 +165,65 @@ def unfreeze_top(models: Models, n_layers: int) -> list[str]:
         if trainable and layer.weights:
             unfrozen.append(layer.name)
     return unfrozen
+
+
+@dataclass
+class SplitBase:
+    """The base cut below its unfrozen top: `lower` is frozen, `upper` shares the live layers.
+
+    When fine-tuning without random augmentation, `lower`'s output is the same every epoch, so it is
+    computed once and `upper` (top layers + pooling + head) trains on it: fine-tuning at the cost of
+    training a small network.
+    """
+
+    cut: str  # name of the layer whose output is cached
+    lower: tf_keras.Model  # normalized images -> activation at the cut
+    upper: tf_keras.Model  # activation -> probabilities
+    features: tf_keras.Model  # activation -> pooled features (the head's input)
+    activation_shape: tuple[int, ...]
+
+
+def _is_keras_tensor(t) -> bool:
+    return hasattr(t, "_keras_history")
+
+
+def split_base(models: Models, n_top: int) -> SplitBase:
+    """Find the highest clean cut at or below the top `n_top` layers and rebuild the top on a new input.
+
+    A cut is clean when no layer above it reads a tensor from below it (residual connections make
+    most positions unclean). Raises ValueError when the graph cannot be replayed.
+    """
+    base = models.base
+    layers = base.layers
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    sources = []
+    for layer in layers:
+        node = layer._inbound_nodes[0]
+        flat = tf.nest.flatten((node.call_args, node.call_kwargs))
+        sources.append({index[t._keras_history.layer.name] for t in flat if _is_keras_tensor(t)})
+    start = max(1, len(layers) - n_top - 1)
+    for k in range(start, 0, -1):
+        if all(src >= k for j in range(k + 1, len(layers)) for src in sources[j]):
+            break
+    else:
+        raise ValueError("no clean cut found")
+    cut_layer = layers[k]
+    act_shape = tuple(int(d) for d in cut_layer.output.shape[1:])
+    act_in = tf_keras.Input(act_shape, name="activation")
+    produced = {cut_layer.name: act_in}
+
+    def replace(t):
+        return produced[t._keras_history.layer.name] if _is_keras_tensor(t) else t
+
+    for layer in layers[k + 1:]:
+        node = layer._inbound_nodes[0]
+        args = tf.nest.map_structure(replace, node.call_args)
+        kwargs = dict(tf.nest.map_structure(replace, node.call_kwargs))
+        if isinstance(layer, BN_TYPES):
+            kwargs["training"] = False
+        produced[layer.name] = layer(*args, **kwargs)
+    x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(produced[layers[-1].name])
+    upper = tf_keras.Model(act_in, models.head(x), name="upper")
+    lower = tf_keras.Model(base.input, cut_layer.output, name="lower")
+    features = tf_keras.Model(act_in, x, name="upper_features")
+    return SplitBase(cut=cut_layer.name, lower=lower, upper=upper, features=features, activation_shape=act_shape)

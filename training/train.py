@@ -55,7 +55,10 @@ class TrainConfig:
     fine_tune_layers: int = 0  # phase 2 off unless > 0
     fine_tune_epochs: int = 10
     fine_tune_lr: float = 1e-5
-    fine_tune_augment: bool = True
+    # Phase 2 on activations cached below the unfrozen layers (+ mirrored copies) unless live random
+    # augmentation is asked for, which costs a full forward pass per image per epoch.
+    fine_tune_augment: bool = False
+    activation_cache_gb: float = 6.0
     patience: int = 4
     overwrite: bool = False
     progress: bool = True
@@ -111,7 +114,7 @@ def _one_hot(y: np.ndarray, c: int) -> np.ndarray:
     return np.eye(c, dtype=np.float32)[y]
 
 
-def _callbacks(work: Path, phase: str, patience: int, monitor_model):
+def _callbacks(work: Path, phase: str, patience: int):
     import tf_keras
 
     (work / "checkpoints").mkdir(exist_ok=True)
@@ -193,27 +196,40 @@ def train(cfg: TrainConfig) -> dict:
     history: list[tuple[str, dict]] = []
     timings: dict[str, float] = {}
 
+    verbose = 2 if cfg.progress else 0
+    use_cache = cfg.cache_features and not cfg.augment
+    split = _activation_split(models, cfg) if use_cache and cfg.fine_tune_layers > 0 else None
+    n_views = 2 if cfg.flip_features else 1
+    labels_tr = np.concatenate([y_tr] * n_views) if use_cache else y_tr
+    cache_limit = cfg.activation_cache_gb * 2**30
+    if split is not None and _activation_bytes(split, len(x_tr) * n_views + len(x_va)) > cache_limit:
+        print(f"phase 2: activations at {split.cut} would exceed {cfg.activation_cache_gb:g} GiB; "
+              "fine-tuning on images instead (fewer --fine-tune-layers keeps the cache small)", flush=True)
+        split = None
+
     # 3. Phase 1: the head, base frozen.
     t0 = time.perf_counter()
-    use_cache = cfg.cache_features and not cfg.augment
-    verbose = 2 if cfg.progress else 0
     if use_cache:
-        extractor = model_mod.feature_extractor(models)
-        print(f"phase 1: computing {backbone.name} features once (cached-feature head training)", flush=True)
-        feats_tr = extractor.predict(normalize(x_tr, spec), batch_size=64, verbose=verbose)
-        labels_tr = y_tr
-        if cfg.flip_features:
-            flipped = extractor.predict(normalize(x_tr[:, :, ::-1], spec), batch_size=64, verbose=verbose)
-            feats_tr = np.concatenate([feats_tr, flipped])
-            labels_tr = np.concatenate([y_tr, y_tr])
-        feats_va = extractor.predict(normalize(x_va, spec), batch_size=64, verbose=0)
+        if split is not None:
+            est = _activation_bytes(split, len(x_tr) * n_views + len(x_va))
+            print(f"phase 1: computing activations at {split.cut} {split.activation_shape} once "
+                  f"({est / 2**20:.0f} MiB; both phases train on them)", flush=True)
+            acts_tr = _predict_views(split.lower, x_tr, spec, n_views, verbose)
+            acts_va = split.lower.predict(normalize(x_va, spec), batch_size=64, verbose=0)
+            feats_tr = split.features.predict(acts_tr, batch_size=256, verbose=0)
+            feats_va = split.features.predict(acts_va, batch_size=256, verbose=0)
+        else:
+            print(f"phase 1: computing {backbone.name} features once (cached-feature head training)", flush=True)
+            extractor = model_mod.feature_extractor(models)
+            feats_tr = _predict_views(extractor, x_tr, spec, n_views, verbose)
+            feats_va = extractor.predict(normalize(x_va, spec), batch_size=64, verbose=0)
         timings["feature_extraction_s"] = time.perf_counter() - t0
         models.head.compile(tf_keras.optimizers.Adam(cfg.learning_rate), loss, metrics=["accuracy"])
         print(f"phase 1: training the head on cached features ({len(feats_tr)} samples)", flush=True)
         h = models.head.fit(
             feats_tr, _one_hot(labels_tr, c), validation_data=(feats_va, _one_hot(y_va, c)),
-            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=2 if cfg.progress else 0,
-            callbacks=_callbacks(work, "phase1", cfg.patience, models.head), shuffle=True,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=verbose,
+            callbacks=_callbacks(work, "phase1", cfg.patience), shuffle=True,
         )
     else:
         augment = model_mod.augmentation(cfg.seed) if cfg.augment else None
@@ -223,8 +239,8 @@ def train(cfg: TrainConfig) -> dict:
         h = trainer.fit(
             _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed),
             validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
-            epochs=cfg.epochs, class_weight=cw, verbose=2 if cfg.progress else 0,
-            callbacks=_callbacks(work, "phase1", cfg.patience, trainer),
+            epochs=cfg.epochs, class_weight=cw, verbose=verbose,
+            callbacks=_callbacks(work, "phase1", cfg.patience),
         )
     history.append(("head", h.history))
     timings["phase1_s"] = time.perf_counter() - t0
@@ -234,17 +250,28 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fine_tune_layers > 0:
         t1 = time.perf_counter()
         unfrozen = model_mod.unfreeze_top(models, cfg.fine_tune_layers)
-        augment = model_mod.augmentation(cfg.seed + 10) if cfg.fine_tune_augment else None
-        trainer = model_mod.training_model(models, spec, augment)
-        trainer.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
-        print(f"phase 2: fine-tuning the top {cfg.fine_tune_layers} base layers ({len(unfrozen)} with weights) "
-              f"at learning rate {cfg.fine_tune_lr:g}", flush=True)
-        h2 = trainer.fit(
-            _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1),
-            validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
-            epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=2 if cfg.progress else 0,
-            callbacks=_callbacks(work, "phase2", cfg.patience, trainer),
-        )
+        where = f"cached activations at {split.cut}" if split is not None else (
+            "augmented images" if cfg.fine_tune_augment else "images")
+        print(f"phase 2: fine-tuning the top {cfg.fine_tune_layers} base layers ({len(unfrozen)} with weights, "
+              f"BatchNorm frozen) at learning rate {cfg.fine_tune_lr:g} on {where}", flush=True)
+        if split is not None:
+            split.upper.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
+            h2 = split.upper.fit(
+                acts_tr, _one_hot(labels_tr, c), validation_data=(acts_va, _one_hot(y_va, c)),
+                epochs=cfg.fine_tune_epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=verbose,
+                callbacks=_callbacks(work, "phase2", cfg.patience), shuffle=True,
+            )
+            del acts_tr, acts_va
+        else:
+            augment = model_mod.augmentation(cfg.seed + 10) if cfg.fine_tune_augment else None
+            trainer = model_mod.training_model(models, spec, augment)
+            trainer.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
+            h2 = trainer.fit(
+                _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1),
+                validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
+                epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
+                callbacks=_callbacks(work, "phase2", cfg.patience),
+            )
         history.append(("fine-tune", h2.history))
         timings["phase2_s"] = time.perf_counter() - t1
 
@@ -275,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
 
     settings = asdict(cfg)
     settings.update(out=str(cfg.out), data=str(data_root), input_size=size, feature_cache=use_cache,
-                    unfrozen_layers=unfrozen)
+                    unfrozen_layers=unfrozen, activation_cache_cut=split.cut if split is not None else None)
     settings.pop("progress", None)
     settings.pop("overwrite", None)
     manifest = Manifest(
@@ -308,6 +335,30 @@ def train(cfg: TrainConfig) -> dict:
     print(f"\nbundle: {out}\nplots:  {out / 'plots'}\nwall time: {timings['total_s']:.1f} s")
     return {"bundle": str(out), "test_accuracy": report["accuracy"], "timings": timings,
             "skipped": len(dataset.skipped), "counts": manifest.dataset["counts"]}
+
+
+def _predict_views(model, x: np.ndarray, spec: PreprocessingSpec, n_views: int, verbose: int) -> np.ndarray:
+    """Outputs for the images and, with two views, their mirror images (the cached-feature augmentation)."""
+    outs = [model.predict(normalize(x, spec), batch_size=64, verbose=verbose)]
+    if n_views == 2:
+        outs.append(model.predict(normalize(x[:, :, ::-1], spec), batch_size=64, verbose=verbose))
+    return np.concatenate(outs)
+
+
+def _activation_bytes(split: model_mod.SplitBase, n: int) -> int:
+    return int(np.prod(split.activation_shape)) * 4 * n
+
+
+def _activation_split(models: model_mod.Models, cfg: TrainConfig) -> model_mod.SplitBase | None:
+    """The cut for cached-activation fine-tuning, or None when live training is needed or safer."""
+    if cfg.fine_tune_augment:
+        return None
+    try:
+        split = model_mod.split_base(models, cfg.fine_tune_layers)
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"phase 2: cannot cache activations for this backbone ({exc}); fine-tuning on images", flush=True)
+        return None
+    return split
 
 
 def _print_counts(dataset: data_mod.Dataset) -> None:
