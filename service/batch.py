@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -319,11 +320,12 @@ class BatchJob:
         for path in paths:
             try:
                 with open(path, "rb") as f:
-                    data = f.read(MAX_MESSAGE_BYTES)
-                    if f.read(1):
-                        records.append(error_record(path, "INVALID_ARGUMENT", "file is larger than the "
+                    size = os.fstat(f.fileno()).st_size
+                    if size > MAX_MESSAGE_BYTES:  # checked first: read(n) would allocate n bytes up front
+                        records.append(error_record(path, "INVALID_ARGUMENT", f"file is {size} bytes, over the "
                                                     f"{MAX_MESSAGE_BYTES} bytes a request may carry"))
                         continue
+                    data = f.read()
             except OSError as exc:
                 records.append(read_error_record(path, exc))
                 continue
