@@ -21,9 +21,7 @@ keras-cache:
 	@bash scripts/keras_cache.sh
 
 demo: install keras-cache
-	$(BIN)/imgcls train --out $(RUNS)/flowers --overwrite
-	@echo
-	@echo "bundle: $(RUNS)/flowers   plots: $(RUNS)/flowers/plots   report: $(RUNS)/flowers/evaluation.json"
+	$(BIN)/python scripts/demo.py --runs $(RUNS)
 
 test: install keras-cache
 	$(BIN)/pytest -q -ra
