@@ -487,17 +487,22 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
 def format_summary(s: BatchSummary) -> str:
     lines = [
-        f"batch: {s.files} files in {s.wall_seconds:.1f} s ({s.images_per_second:.1f} images/s), "
-        f"{s.failed} failed, {s.skipped} already answered, {s.duplicates} duplicates, {s.retries} retries",
+        f"batch: {_n(s.files, 'file')} in {s.wall_seconds:.1f} s ({s.images_per_second:.1f} images/s), "
+        f"{s.failed} failed, {s.skipped} already answered, {_n(s.duplicates, 'duplicate')}, "
+        f"{_n(s.retries, 'retry', 'retries')}",
         f"output: {s.output} ({s.format}, {s.output_rows} rows, {s.output_failed} failed); "
         f"model {s.model} v{s.version}",
     ]
     if s.cut_partial_row:
         lines.append("note: a partial last row from an interrupted run was cut; that file was sent again")
     if s.retried_error_rows:
-        lines.append(f"note: {s.retried_error_rows} error rows from earlier runs were removed and sent again")
+        lines.append(f"note: {_n(s.retried_error_rows, 'error row')} from earlier runs removed and sent again")
     for r in s.first_failures:
         lines.append(f"failed: {r['path']}: {r['error']['code']}: {r['error']['message']}")
     if s.failed > len(s.first_failures):

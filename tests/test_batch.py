@@ -345,3 +345,50 @@ def test_retry_errors_sends_failed_files_again(server, photos, tmp_path):
     assert summary.retried_error_rows == 1 and summary.files == 1 and summary.failed == 0
     assert summary.output_rows == 2 and summary.output_failed == 0 and summary.exit_code == 0
     assert all("labels" in r for r in read_jsonl(out))
+
+
+# --- pieces without a server ---------------------------------------------------------------------------------------
+
+
+def test_glob_patterns_match_like_the_shell(tmp_path):
+    from imgcls.service.batch_io import open_input
+
+    for name in ("a/x.jpg", "a/b/y.jpg", "a/b/c/z.PNG", "a/.h/w.jpg", "q.jpg", "a/x.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+
+    def found(pattern: str) -> list[str]:
+        return sorted(os.path.relpath(p, tmp_path) for p in open_input(f"{tmp_path}/{pattern}"))
+
+    assert found("*.jpg") == ["q.jpg"]
+    assert found("a/*") == ["a/x.jpg", "a/x.txt"]
+    assert found("a/**/*.jpg") == ["a/b/y.jpg", "a/x.jpg"]
+    assert found("**/*.[Pp][Nn][Gg]") == ["a/b/c/z.PNG"]
+    assert found("a/?/*") == ["a/b/y.jpg"]
+    source = open_input(f"{tmp_path}/a/**/*.jpg")
+    assert source.kind == "glob" and source.true_label(str(tmp_path / "a" / "b" / "y.jpg")) == "b"
+    folder = open_input(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in folder) == ["a/b/c/z.PNG", "a/b/y.jpg", "a/x.jpg", "q.jpg"]
+    assert folder.true_label(str(tmp_path / "a" / "b" / "y.jpg")) == "a"
+    assert folder.true_label(f"{tmp_path}/q.jpg") is None
+
+
+def test_path_index_merges_and_finds_everything():
+    from imgcls.service.batch_io import PathIndex, path_key
+
+    index = PathIndex(merge_every=7)
+    keys = [path_key(f"/data/{i}.jpg") for i in range(100)]
+    for key in keys[:50]:
+        index.add(key)
+    assert len(index) == 50 and all(k in index for k in keys[:50]) and not any(k in index for k in keys[50:])
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
+    from imgcls.service.batch import Progress
+
+    progress = Progress(None, interval=0.0)
+    assert progress.mode == "lines"
+    progress.total = 10
+    time.sleep(0.01)
+    progress.update(4)
+    assert "batch: 4/10 files" in capsys.readouterr().err
