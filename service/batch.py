@@ -43,6 +43,7 @@ from imgcls.service.batch_io import (
     PathIndex,
     ResultWriter,
     open_input,
+    open_locked,
     output_format,
     path_key,
     read_existing,
@@ -385,11 +386,19 @@ class BatchJob:
         self.model, self.top_k = meta.name, min(cfg.top_k, len(meta.class_names))
         evaluation = Evaluation(list(meta.class_names), self.top_k) if cfg.labels_from_folders else None
         on_record = (lambda r: evaluation.add(self.source.true_label(r["path"]), r)) if evaluation else None
-        existing = read_existing(cfg.output, self.fmt, self.top_k, retry_errors=cfg.retry_errors,
-                                 on_record=on_record)
-        if existing.models and meta.name not in existing.models:
-            raise ImgclsError(f"{cfg.output} holds results of model {', '.join(sorted(existing.models))}, not "
-                              f"{meta.name}; choose another --output")
+        handle = open_locked(cfg.output)
+        try:
+            existing = read_existing(cfg.output, self.fmt, self.top_k, retry_errors=cfg.retry_errors,
+                                     on_record=on_record)
+            if existing.models and meta.name not in existing.models:
+                raise ImgclsError(f"{cfg.output} holds results of model {', '.join(sorted(existing.models))}, "
+                                  f"not {meta.name}; choose another --output")
+            if existing.dropped_errors:  # the file was replaced by its rewritten copy: lock that one
+                handle.close()
+                handle = open_locked(cfg.output)
+        except BaseException:
+            handle.close()
+            raise
         summary = BatchSummary(input=cfg.input, input_kind=self.source.kind, output=str(cfg.output),
                                format=self.fmt, model=meta.name, version=meta.version,
                                cut_partial_row=existing.truncated_bytes > 0,
@@ -410,7 +419,7 @@ class BatchJob:
 
         progress = Progress(cfg.progress)
         progress.count_in_background(self.source, lambda p: path_key(p) in answered)
-        writer = ResultWriter(cfg.output, self.fmt, self.top_k)
+        writer = ResultWriter(handle, self.fmt, self.top_k)
         pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="batch")
         pending: dict[Future[_ChunkResult], int] = {}
         fatal: ImgclsError | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import csv
+import fcntl
 import glob
 import hashlib
 import io
@@ -299,13 +300,29 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # file names that are not UTF-8 round-trip unchanged
 
 
+def open_locked(path: Path) -> BinaryIO:
+    """Open the output for appending, holding an exclusive `flock` on it for the whole job: two jobs appending
+    to one file would each skip only what they had read at their start, and write duplicates."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "ab")  # noqa: SIM115 (the caller closes it)
+    except OSError as exc:
+        raise ImgclsError(f"--output {path}: cannot open it for writing ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ImgclsError(f"--output {path} is being written by another `imgcls batch` (it holds the file's lock)") \
+            from None
+    return f
+
+
 class ResultWriter:
     """Appends records and flushes after every call, so a killed job keeps everything it was told."""
 
-    def __init__(self, path: Path, fmt: OutputFormat, top_k: int) -> None:
-        self.fmt, self.top_k = fmt, top_k
-        self.file: BinaryIO = open(path, "ab")  # noqa: SIM115 (closed by close())
-        if fmt == "csv" and self.file.tell() == 0:
+    def __init__(self, file: BinaryIO, fmt: OutputFormat, top_k: int) -> None:
+        self.file, self.fmt, self.top_k = file, fmt, top_k
+        if fmt == "csv" and os.fstat(file.fileno()).st_size == 0:  # not tell(): the file may have been cut
             self._write_rows([csv_columns(top_k)])
 
     def _write_rows(self, rows: Iterable[list[str]]) -> None:
@@ -421,8 +438,8 @@ def read_existing(path: Path, fmt: OutputFormat, top_k: int, *, retry_errors: bo
     """Read what an earlier run wrote to `path` and make the file safe to append to.
 
     Cuts a partial last row (a run killed mid-write); with `retry_errors`, rewrites the file without its
-    error rows (atomically, through a temporary file) so those files are sent again. `on_record` sees each
-    row that stays (for accuracy over the whole job).
+    error rows (atomically, through a temporary file: the caller must reopen it) so those files are sent
+    again. `on_record` sees each row that stays (for accuracy over the whole job).
     """
     out = ExistingOutput()
     if not path.exists():
@@ -467,7 +484,7 @@ def read_existing(path: Path, fmt: OutputFormat, top_k: int, *, retry_errors: bo
         if bad_at is not None:
             out.truncated_bytes = size - bad_at
             good_end = bad_at
-        if rewrite is not None:
+        if rewrite is not None and out.dropped_errors:
             rewrite.close()
             os.replace(rewrite.name, path)
             rewrite = None

@@ -392,3 +392,15 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
     time.sleep(0.01)
     progress.update(4)
     assert "batch: 4/10 files" in capsys.readouterr().err
+
+
+def test_two_jobs_cannot_append_to_one_output(server, photos, tmp_path):
+    import fcntl
+
+    out = tmp_path / "nested" / "out.jsonl"  # missing folders are created
+    run(server, photos / "dog", out)
+    with out.open("ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running job holds it
+        with pytest.raises(ImgclsError, match="being written by another"):
+            run(server, photos, out)
+    assert run(server, photos, out).skipped == 7  # the lock goes with the process or file that held it
