@@ -12,6 +12,7 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
+# checkov:skip=CKV_DOCKER_7: the base is the BASE_IMAGE build argument, whose default is a version tag (python:3.11-slim-bookworm); checkov does not resolve ARG defaults
 FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -13,6 +13,8 @@
 # Environment:
 #   IMGCLS_BASE_IMAGE           base image to build on (skips the registry try and debootstrap)
 #   IMGCLS_CONTAINER_TEST_REPO  an existing model repository to serve (skips training a tiny model)
+#   IMGCLS_CONTAINER_TEST_TRAINER=1  also build the `trainer` target (TensorFlow: ~2.7 GB, minutes cold) and
+#                               train + export the tiny model inside it instead of on the host
 #   IMGCLS_CONTAINER_CACHE      cache folder (default /var/tmp/imgcls-container)
 #   IMGCLS_IMAGE                tag of the image built (default localhost/imgcls:container-test)
 #   IMGCLS_BUILD_CA             CA bundle given to pip inside the build as the `pip_ca` secret
@@ -26,6 +28,7 @@ ROOT=$PWD
 
 CACHE=${IMGCLS_CONTAINER_CACHE:-/var/tmp/imgcls-container}
 IMAGE=${IMGCLS_IMAGE:-localhost/imgcls:container-test}
+TRAINER_IMAGE=${IMGCLS_TRAINER_IMAGE:-localhost/imgcls-trainer:container-test}
 BUILD_CA=${IMGCLS_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
 MIRROR=${IMGCLS_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Bump the suffix when the recipe below changes, so a cached base is not reused.
@@ -52,7 +55,7 @@ done
 [ -x "$PY" ] || die "no project venv at $PY: run make install"
 mkdir -p "$CACHE"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/imgcls-ct.XXXXXX")
-CTR="" SERVER_PID=""
+CTR="" TCTR="" SERVER_PID=""
 
 cleanup() {
   local rc=$?
@@ -60,8 +63,9 @@ cleanup() {
     kill_server_tree KILL; wait "$SERVER_PID" 2>/dev/null || true
   fi
   [ -n "$CTR" ] && buildah rm "$CTR" >/dev/null 2>&1 || true
+  [ -n "$TCTR" ] && buildah rm "$TCTR" >/dev/null 2>&1 || true
   if [ "${IMGCLS_CONTAINER_CLEAN:-0}" = 1 ]; then
-    buildah rmi -f "$IMAGE" >/dev/null 2>&1 || true
+    buildah rmi -f "$IMAGE" "$TRAINER_IMAGE" >/dev/null 2>&1 || true
   fi
   if [ $rc -ne 0 ] && [ -f "$WORK/server.log" ]; then
     echo "---- server log (last 40 lines) ----" >&2; tail -n 40 "$WORK/server.log" >&2
@@ -160,7 +164,31 @@ step_end "uid 10001, no TensorFlow, no compiler, ENTRYPOINT imgcls serve, EXPOSE
 
 # ---------------------------------------------------------------------------------------------------
 step_start "model"
-if [ -n "${IMGCLS_CONTAINER_TEST_REPO:-}" ]; then
+if [ "${IMGCLS_CONTAINER_TEST_TRAINER:-0}" = 1 ]; then
+  STEP_NAME="trainer image build"
+  # The image of the train/export CronJob (Dockerfile target `trainer`): train and export the tiny model
+  # inside it, as its non-root user, into a folder that the serving container then mounts.
+  buildah bud --isolation chroot --layers --format docker --target trainer \
+    "${build_args[@]}" --secret "id=pip_ca,src=$BUILD_CA" -t "$TRAINER_IMAGE" -f Dockerfile . \
+    > "$WORK/build-trainer.log" 2>&1 || { tail -n 40 "$WORK/build-trainer.log" >&2; die "buildah bud --target trainer"; }
+  step_end "trainer image built: $TRAINER_IMAGE"
+  step_start "model (trainer image)"
+  REPO="$WORK/repo"; mkdir -p "$WORK/data" "$WORK/scratch" "$REPO"
+  PYTHONPATH=tests "$PY" -c "from pathlib import Path; from helpers import make_dataset; \
+make_dataset(Path('$WORK/data/photos'), classes=3, per_class=24)"
+  chmod -R a+rX "$WORK/data"; chown 10001:10001 "$WORK/scratch" "$REPO"
+  TCTR=$(buildah from --pull-never --name "imgcls-ct-trainer-$$" "$TRAINER_IMAGE")
+  trainer_run() {
+    buildah run --isolation chroot -v "$WORK/data:/data:ro" -v "$WORK/scratch:/work" -v "$REPO:/models" \
+      --env TF_CPP_MIN_LOG_LEVEL=2 "$TCTR" -- imgcls "$@" >> "$WORK/trainer.log" 2>&1 \
+      || { tail -n 30 "$WORK/trainer.log" >&2; die "imgcls $1 in the trainer image"; }
+  }
+  trainer_run train --data /data/photos --out /work/bundle --backbone vgg16 --weights none --input-size 32 \
+    --epochs 10 --learning-rate 0.01 --seed 1 --json
+  trainer_run export --model /work/bundle --repository /models --name tiny --formats onnx tflite --no-benchmark --json
+  buildah rm "$TCTR" >/dev/null; TCTR=""
+  how="trained + exported in $TRAINER_IMAGE as uid 10001"
+elif [ -n "${IMGCLS_CONTAINER_TEST_REPO:-}" ]; then
   REPO=$(cd "$IMGCLS_CONTAINER_TEST_REPO" && pwd); how="given: $REPO"
 else
   # A tiny model (VGG16, random weights, 32 px, 3 synthetic classes) as the tests make one; cached by the
