@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: install keras-cache demo test test-fast lint clean
+.PHONY: install keras-cache demo test test-fast lint clean container-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[train,export,dev]"
+	$(BIN)/pip install -q -e ".[train,export,dev,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +31,10 @@ test-fast: install keras-cache
 
 lint: install
 	$(BIN)/ruff check .
+
+# Build the image with buildah from the Dockerfile and serve a tiny model in it (root; docs/deploy.md).
+container-test: install
+	bash scripts/container_test.sh
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
