@@ -32,3 +32,29 @@ def tiny_bundle(tmp_path_factory, synthetic_data) -> Path:
                "--seed", "1", "--json"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def flower_model(tmp_path_factory) -> dict[str, Path]:
+    """The real flower model: `imgcls train` (default fast path) + `imgcls export`, and its test split
+    as a labelled folder of symlinks. Skips when the offline Keras cache is not in ~/.keras."""
+    import json
+
+    from imgcls.cli import main
+
+    keras = Path.home() / ".keras"
+    weights = keras / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    if not weights.is_file() or not (keras / "datasets" / "flower_photos").is_dir():
+        pytest.skip(f"offline Keras cache not in {keras} (run `make keras-cache`)")
+    root = tmp_path_factory.mktemp("flowers")
+    bundle, repo, test_dir = root / "bundle", root / "repo", root / "test"
+    assert main(["train", "--out", str(bundle), "--json"]) == 0
+    assert main(["export", "--model", str(bundle), "--repository", str(repo), "--name", "flowers",
+                 "--formats", "savedmodel", "tflite", "onnx", "--no-benchmark", "--json"]) == 0
+    split = json.loads((bundle / "split.json").read_text())
+    names = split["class_names"]
+    for rel, label in split["test"]:
+        link = test_dir / names[label] / Path(rel).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(split["root"]) / rel)
+    return {"bundle": bundle, "repo": repo, "test_dir": test_dir}

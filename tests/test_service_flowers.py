@@ -1,9 +1,10 @@
 """Correctness against training: the flower model served over gRPC agrees with `imgcls evaluate`.
 
-Needs the real flower model, so it runs only when told where things are:
+By default it trains and exports the real flower model itself (the `flower_model` fixture in conftest.py:
+`imgcls train` defaults, then `imgcls export`) and compares on its test split. Point it elsewhere with:
 
-    IMGCLS_FLOWER_REPO=runs/repo            model repository written by `imgcls export` (required)
-    IMGCLS_FLOWER_DATA=DIR                  labelled folder, one subfolder per class (required)
+    IMGCLS_FLOWER_REPO=runs/repo            model repository written by `imgcls export`
+    IMGCLS_FLOWER_DATA=DIR                  labelled folder, one subfolder per class (both or neither)
     IMGCLS_FLOWER_BUNDLE=runs/bundle        bundle for `imgcls evaluate` (default: the repository entry)
     IMGCLS_FLOWER_MODEL=flowers             model name (default: the repository's only model)
     IMGCLS_FLOWER_RUNTIME=onnx              runtime to serve (default: the server's choice)
@@ -28,22 +29,28 @@ from imgcls.service import repository
 REPO = os.environ.get("IMGCLS_FLOWER_REPO")
 DATA = os.environ.get("IMGCLS_FLOWER_DATA")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (REPO and DATA), reason="set IMGCLS_FLOWER_REPO (an exported flower model repository) "
-                       "and IMGCLS_FLOWER_DATA (a labelled image folder) to compare served and evaluated predictions"),
-]
+pytestmark = [pytest.mark.slow]
 
 
-def test_served_predictions_agree_with_imgcls_evaluate(tmp_path):
-    entries = repository.scan(Path(REPO))
+@pytest.fixture()
+def flower_setup(request) -> tuple[str, str, str | None]:
+    """(repository, labelled data folder, bundle or None) from the environment, else the real flower model."""
+    if REPO and DATA:
+        return REPO, DATA, os.environ.get("IMGCLS_FLOWER_BUNDLE")
+    model = request.getfixturevalue("flower_model")
+    return str(model["repo"]), str(model["test_dir"]), str(model["bundle"])
+
+
+def test_served_predictions_agree_with_imgcls_evaluate(tmp_path, flower_setup):
+    repo, data, bundle = flower_setup
+    entries = repository.scan(Path(repo))
     name = os.environ.get("IMGCLS_FLOWER_MODEL") or (entries[0].name if len(entries) == 1 else None)
-    assert name, f"several models in {REPO}: set IMGCLS_FLOWER_MODEL"
+    assert name, f"several models in {repo}: set IMGCLS_FLOWER_MODEL"
     entry = next(e for e in entries if e.name == name)
-    bundle = os.environ.get("IMGCLS_FLOWER_BUNDLE") or str(entry.folder)
+    bundle = bundle or str(entry.folder)
 
     report_path = tmp_path / "report.json"
-    out = subprocess.run([sys.executable, "-m", "imgcls.cli", "evaluate", "--model", bundle, "--data", DATA,
+    out = subprocess.run([sys.executable, "-m", "imgcls.cli", "evaluate", "--model", bundle, "--data", data,
                           "--split", "all", "--top-k", "1", "--json", "--report", str(report_path)],
                          capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,7 +69,7 @@ def test_served_predictions_agree_with_imgcls_evaluate(tmp_path):
     served: dict[str, str] = {}
     runtime = os.environ.get("IMGCLS_FLOWER_RUNTIME")
     threads = os.cpu_count() or 1
-    with running_server(Path(REPO), runtime=runtime, inference_threads=threads) as server, \
+    with running_server(Path(repo), runtime=runtime, inference_threads=threads) as server, \
             client_for(server, timeout=120) as client:
         for start in range(0, len(files), 16):
             chunk = files[start:start + 16]
