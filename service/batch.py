@@ -382,7 +382,8 @@ class BatchJob:
         try:
             meta = self._with_retries(lambda: self.client.metadata(cfg.model, cfg.version, timeout=cfg.timeout))
         except (ServiceError, ServerGone) as exc:
-            raise ImgclsError(f"cannot get model {cfg.model or '(the only one)'!r} from {cfg.target}: {exc}") from None
+            what = f"model {cfg.model!r}" if cfg.model else "the served model"
+            raise ImgclsError(f"cannot get {what} from {cfg.target}: {exc}") from None
         self.model, self.top_k = meta.name, min(cfg.top_k, len(meta.class_names))
         evaluation = Evaluation(list(meta.class_names), self.top_k) if cfg.labels_from_folders else None
         on_record = (lambda r: evaluation.add(self.source.true_label(r["path"]), r)) if evaluation else None
