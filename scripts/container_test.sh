@@ -54,6 +54,9 @@ for tool in buildah podman debootstrap; do
 done
 [ -x "$PY" ] || die "no project venv at $PY: run make install"
 mkdir -p "$CACHE"
+# One run at a time per cache (shared machines): the base, the model cache and the image tag are shared.
+exec 9>"$CACHE/lock"
+flock -w 1800 9 || die "another container test still holds $CACHE/lock after 30 min"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/imgcls-ct.XXXXXX")
 CTR="" TCTR="" SERVER_PID=""
 
