@@ -32,7 +32,7 @@ test-fast: install keras-cache
 lint: install
 	$(BIN)/ruff check .
 
-# Build the image with buildah from the Dockerfile and serve a tiny model in it (root; docs/deploy.md).
+# Build the image with buildah from the Dockerfile and serve a tiny model in it (root; README, Deployment).
 container-test: install
 	bash scripts/container_test.sh
 
