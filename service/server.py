@@ -46,7 +46,7 @@ NO_DEADLINE = 1e8  # grpc reports a huge time_remaining for calls without a dead
 
 @dataclass
 class ServeConfig:
-    """Everything `imgcls serve` can be told; see the README (Serving over gRPC) for the flags and environment variables."""
+    """Everything `imgcls serve` can be told; the README (Serving over gRPC) lists flags and environment variables."""
 
     model_repository: Path
     host: str = "0.0.0.0"
