@@ -3,6 +3,12 @@
 Run from anywhere: `python proto/generate.py` (needs grpcio-tools, in the `dev` extra). The generated
 files are committed so serving needs no protoc; `tests/test_service_proto.py` checks they are current.
 Other languages generate their own stubs from the same `.proto` files (see the README, Serving over gRPC).
+
+`proto/compat/` holds wire-compatible copies of the published KServe v2 / Triton and TF Serving definitions
+(same file names, packages, message names and field numbers). They are compiled into one descriptor set,
+`service/protocols.binpb`, that the server loads into a private descriptor pool (`service/protocols.py`):
+generated `_pb2` modules would register `tensorflow.TensorProto` or `inference.ModelInferRequest` in the
+process-wide pool and clash with TensorFlow or tritonclient imported into the same process.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 PROTOS = ["imgcls/v1/inference.proto"]
+COMPAT_ROOT = PROTO_ROOT / "compat"
+COMPAT_OUT = Path("service") / "protocols.binpb"
 INIT_TEXT = '"""Generated gRPC code for the imgcls.v1 API (regenerate with `python proto/generate.py`)."""\n'
 
 
@@ -34,6 +42,15 @@ def generate(out: Path) -> list[Path]:
         init.write_text(INIT_TEXT, encoding="utf-8")
         stem = Path(proto).stem
         written += [init, *(package_dir / f"{stem}{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))]
+    compat = sorted(p.relative_to(COMPAT_ROOT).as_posix() for p in COMPAT_ROOT.rglob("*.proto"))
+    if compat:
+        target = out / COMPAT_OUT
+        target.parent.mkdir(parents=True, exist_ok=True)
+        args = ["protoc", f"-I{COMPAT_ROOT}", f"-I{include}", f"--descriptor_set_out={target}", "--include_imports",
+                *compat]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed: {' '.join(args)}")
+        written.append(target)
     return written
 
 

@@ -14,6 +14,7 @@ answers new calls UNAVAILABLE, lets calls in flight finish within the grace peri
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import signal
@@ -41,6 +42,9 @@ from imgcls.v1 import inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "imgcls.v1.Inference"
+# Modules of imgcls.service that answer other protocols on the same port; each has
+# `handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]` and `SERVICE_NAMES`.
+PROTOCOLS: tuple[str, ...] = ()
 NO_DEADLINE = 1e8  # grpc reports a huge time_remaining for calls without a deadline
 
 
@@ -169,6 +173,9 @@ class InferenceServer:
         self._grpc = grpc.server(self._grpc_pool, options=options,
                                  maximum_concurrent_rpcs=cfg.grpc_workers + cfg.max_queue_size)
         pb_grpc.add_InferenceServicer_to_server(Servicer(self), self._grpc)
+        for module_name in PROTOCOLS:
+            module = importlib.import_module(f"imgcls.service.{module_name}")
+            self._grpc.add_generic_rpc_handlers(module.handlers(self))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
@@ -370,6 +377,49 @@ class InferenceServer:
             self._decode_pool.submit(self._decode, model, job, i, data)
         return job
 
+    def submit_tensors(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> Job:
+        """Admit an already-preprocessed float32 [N, H, W, 3] batch (for clients that preprocess themselves);
+        it skips decoding but shares the model's queue, batches and limits with encoded images."""
+        h, w = model.spec.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (h, w, 3):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"preprocessed input has shape {list(batch.shape)}; model {model.entry.name} "
+                               f"expects [N, {h}, {w}, 3]")
+        if not 1 <= len(batch) <= self.config.max_images_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{len(batch)} images; 1 to {self.config.max_images_per_request} per request")
+        try:
+            job = model.batcher.admit(len(batch), deadline)
+        except QueueFull as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model.entry.name}: {exc}") from None
+        except ShuttingDown as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        for i, x in enumerate(np.asarray(batch, np.float32)):
+            model.batcher.put(job, i, x)
+        return job
+
+    @staticmethod
+    def call_deadline(context: grpc.ServicerContext, start: float) -> float | None:
+        """The call's deadline on the monotonic clock, None when the client set none."""
+        remaining = context.time_remaining()
+        return start + remaining if remaining is not None and remaining < NO_DEADLINE else None
+
+    @staticmethod
+    def wait(model: LoadedModel, job: Job, deadline: float | None, context: grpc.ServicerContext) -> None:
+        """Wait for a job; a client that cancels frees its queue slots, a passed deadline raises."""
+        context.add_callback(lambda: job.done.is_set() or model.batcher.cancel(job))
+        if not job.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            model.batcher.cancel(job)
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    @staticmethod
+    def first_error(job: Job) -> RequestError | None:
+        """For protocols with no per-image status: the first failed image fails the whole request."""
+        for i, value in enumerate(job.results):
+            if not isinstance(value, np.ndarray):
+                return RequestError(error_code(value), f"image {i}: {value}" if job.n > 1 else str(value))
+        return None
+
     def _decode(self, model: LoadedModel, job: Job, index: int, data: bytes) -> None:
         if job.cancelled:
             return
@@ -404,7 +454,7 @@ class InferenceServer:
                 results.append(pb.ImageResult(labels=labels, status=_status(grpc.StatusCode.OK)))
                 codes.append(grpc.StatusCode.OK)
                 continue
-            code = _error_code(value)
+            code = error_code(value)
             codes.append(code)
             results.append(pb.ImageResult(status=_status(code, str(value))))
         for code in codes:
@@ -419,7 +469,8 @@ class InferenceServer:
                                   request_id=request_id)
 
 
-def _error_code(error: object) -> grpc.StatusCode:
+def error_code(error: object) -> grpc.StatusCode:
+    """The gRPC status for one image's failure (decode error, deadline, cancel, shutdown, other)."""
     if isinstance(error, ImageDecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, DeadlineExceeded):
@@ -463,13 +514,9 @@ class Servicer(pb_grpc.InferenceServicer):
                 self.s.check_accepting()
                 model = self.s.resolve(request.model_name, request.model_version)
                 top_k = self._validate(request)
-                remaining = context.time_remaining()
-                deadline = start + remaining if remaining < NO_DEADLINE else None
+                deadline = self.s.call_deadline(context, start)
                 job = self.s.submit(model, list(request.images), deadline)
-                context.add_callback(lambda: job.done.is_set() or model.batcher.cancel(job))
-                if not job.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                    model.batcher.cancel(job)
-                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                self.s.wait(model, job, deadline, context)
                 return self.s.response(model, job, top_k, request.request_id)
             except RequestError as exc:
                 code = exc.code
