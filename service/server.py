@@ -132,6 +132,8 @@ class InferenceServer:
         self.runtime_hook = runtime_hook
         self.metrics = Metrics()
         self.models: dict[str, dict[int, LoadedModel]] = {}
+        # model -> version -> error, for versions that failed to load or their probe (never served)
+        self.failed: dict[str, dict[int, str]] = {}
         self.ready = threading.Event()
         self.accepting = True
         self.load_error: BaseException | None = None
