@@ -89,7 +89,7 @@ class Preprocessing(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., mode: _Optional[str] = ..., resize: _Optional[str] = ..., channel_order: _Optional[str] = ..., scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "versions", "backbone", "class_names", "preprocessing", "formats", "runtime", "created_at")
+    __slots__ = ("name", "version", "versions", "backbone", "class_names", "preprocessing", "formats", "runtime", "created_at", "failed_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class ModelMetadata(_message.Message):
     FORMATS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -108,25 +109,36 @@ class ModelMetadata(_message.Message):
     formats: _containers.RepeatedScalarFieldContainer[str]
     runtime: str
     created_at: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., backbone: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., formats: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+    failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., backbone: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., formats: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ...) -> None: ...
+
+class FailedVersion(_message.Message):
+    __slots__ = ("version", "error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    error: str
+    def __init__(self, version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "versions", "backbone", "runtime", "num_classes")
+    __slots__ = ("name", "versions", "backbone", "runtime", "num_classes", "failed_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     backbone: str
     runtime: str
     num_classes: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., backbone: _Optional[str] = ..., runtime: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., backbone: _Optional[str] = ..., runtime: _Optional[str] = ..., num_classes: _Optional[int] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
