@@ -379,7 +379,8 @@ class InferenceServer:
             self._decode_pool.submit(self._decode, model, job, i, data)
         return job
 
-    def submit_tensors(self, model: LoadedModel, batch: np.ndarray, deadline: float | None) -> Job:
+    def submit_tensors(self, model: LoadedModel, batch: np.ndarray, deadline: float | None,
+                       on_done: Callable[[Job], object] | None = None) -> Job:
         """Admit an already-preprocessed float32 [N, H, W, 3] batch (for clients that preprocess themselves);
         it skips decoding but shares the model's queue, batches and limits with encoded images."""
         h, w = model.spec.input_size
@@ -391,7 +392,7 @@ class InferenceServer:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{len(batch)} images; 1 to {self.config.max_images_per_request} per request")
         try:
-            job = model.batcher.admit(len(batch), deadline)
+            job = model.batcher.admit(len(batch), deadline, on_done)
         except QueueFull as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {model.entry.name}: {exc}") from None
         except ShuttingDown as exc:
