@@ -226,6 +226,9 @@ class _DrainAfter:
         if self.armed:
             self.count += 1
             if self.count == self.n:
+                # Refuse new calls now, as drain() does first: on a loaded machine the drain thread may start
+                # only after the job has sent every remaining request.
+                self.box[0].accepting = False
                 threading.Thread(target=self.box[0].drain, args=(5,), daemon=True).start()
         time.sleep(0.01)
         return out
