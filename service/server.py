@@ -640,6 +640,8 @@ class _Stream:
             model = self.s.resolve(request.model_name, request.model_version)
             top_k = self.servicer._validate(request)
             with self.lock:
+                if self.closed:  # read after the client cancelled: admitting it would run an orphan job
+                    raise RequestError(grpc.StatusCode.CANCELLED, "stream cancelled")
                 job = self.s.submit(model, list(request.images), self.deadline,
                                     on_done=lambda job: self.out.put((request, start, model, job, top_k, None)))
                 if not job.done.is_set():
