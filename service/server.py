@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "imgcls.v1.Inference"
 # Modules of imgcls.service that answer other protocols on the same port; each has
 # `handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]` and `SERVICE_NAMES`.
-PROTOCOLS: tuple[str, ...] = ()
+PROTOCOLS: tuple[str, ...] = ("kserve",)
 NO_DEADLINE = 1e8  # grpc reports a huge time_remaining for calls without a deadline
 
 

@@ -1,0 +1,265 @@
+"""KServe v2 / Open Inference Protocol on the imgcls port, driven by the real tritonclient (and by raw
+messages for the malformed requests a client library would refuse to build)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from service_fixtures import TINY_CLASSES, GatedRuntime, Reference, metric, running_server, sample_image, scrape
+from tritonclient.utils import InferenceServerException
+
+from imgcls.service import protocols
+from imgcls.service.kserve_tensors import join_bytes, split_bytes
+
+IMAGES = [sample_image(i, size=(40 + 7 * i, 30 + 5 * i), fmt="PNG" if i % 3 == 0 else "JPEG") for i in range(6)]
+SERVICE = "inference.GRPCInferenceService"
+
+pytest_plugins = ["service_plugin"]
+
+
+@pytest.fixture(scope="module")
+def server(service_repo):
+    with running_server(service_repo, versions="all", max_images_per_request=4) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def reference(service_repo):
+    return Reference(service_repo)
+
+
+def _images_input(images: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    return tensor
+
+
+def _raw_call(server, method: str):
+    """A stub for one method, with the server's own (private-pool) message classes."""
+    request_cls, response_cls = protocols.method_types(SERVICE, method)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=request_cls.SerializeToString,
+                               response_deserializer=response_cls.FromString)
+    return channel, call, request_cls
+
+
+def test_bytes_codec_round_trip_and_truncation():
+    items = [b"", b"abc", bytes(range(256)) * 3]
+    assert split_bytes(join_bytes(items)) == items
+    with pytest.raises(Exception, match="claims 3 bytes"):
+        split_bytes(join_bytes([b"abc"])[:-1])
+    with pytest.raises(Exception, match="inside a length prefix"):
+        split_bytes(b"\1\0")
+
+
+def test_server_and_model_metadata(client, server):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1") and client.is_model_ready("other")
+    assert not client.is_model_ready("tiny", "7") and not client.is_model_ready("nope")
+    meta = client.get_server_metadata()
+    assert meta.name == "imgcls" and "classification" in meta.extensions
+    model = client.get_model_metadata("tiny")
+    assert (model.name, list(model.versions), model.platform) == ("tiny", ["1", "2"], "onnxruntime_onnx")
+    h, w = server.models["tiny"][2].spec.input_size
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("images", "BYTES", [-1]), ("pixels", "FP32", [-1, h, w, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.outputs] == [("probabilities", "FP32", [-1, 3])]
+    index = client.get_model_repository_index()
+    assert {(m.name, m.version, m.state) for m in index.models} == {
+        ("tiny", "1", "READY"), ("tiny", "2", "READY"), ("other", "1", "READY")}
+
+
+def test_infer_encoded_images_matches_the_model(client, reference):
+    result = client.infer("tiny", [_images_input(IMAGES[:3])], request_id="req-1")
+    response = result.get_response()
+    assert (response.model_name, response.model_version, response.id) == ("tiny", "2", "req-1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference.probs(IMAGES[:3]), atol=1e-5)
+    older = client.infer("tiny", [_images_input(IMAGES[:1])], model_version="1").get_response()
+    assert older.model_version == "1"
+
+
+def test_infer_preprocessed_pixels_raw_and_in_contents(client, server, reference):
+    pixels = reference.inputs(IMAGES[3:5])
+    tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    result = client.infer("tiny", [tensor])
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference.probs(IMAGES[3:5]), atol=1e-5)
+
+    channel, infer, request_cls = _raw_call(server, "ModelInfer")
+    with channel:
+        request = request_cls(model_name="tiny")
+        request.inputs.add(name="pixels", datatype="FP32", shape=list(pixels.shape)).contents.fp32_contents.extend(
+            pixels.ravel().tolist())
+        response = infer(request, timeout=10)
+    probs = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+    np.testing.assert_allclose(probs, reference.probs(IMAGES[3:5]), atol=1e-5)
+
+
+def test_classification_extension_gives_top_k_labels(client, reference):
+    outputs = [triton.InferRequestedOutput("probabilities", class_count=2)]
+    labels = client.infer("tiny", [_images_input(IMAGES[:2])], outputs=outputs).as_numpy("probabilities")
+    assert labels.shape == (2, 2)
+    for row, probs in zip(labels, reference.probs(IMAGES[:2]), strict=True):
+        top = np.argsort(-probs)[:2]
+        parsed = [item.decode().split(":") for item in row]
+        assert [(int(i), name) for _, i, name in parsed] == [(int(i), TINY_CLASSES[i]) for i in top]
+        np.testing.assert_allclose([float(score) for score, _, _ in parsed], probs[top], atol=1e-5)
+    capped = [triton.InferRequestedOutput("probabilities", class_count=10)]
+    assert client.infer("tiny", [_images_input(IMAGES[:1])], outputs=capped).as_numpy("probabilities").shape == (1, 3)
+
+
+def _request(request_cls, model="tiny", version="", name="images", datatype="BYTES", shape=None, items=None,
+             raw=None, outputs=()):
+    request = request_cls(model_name=model, model_version=version)
+    items = [IMAGES[0]] if items is None and raw is None else items
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape if shape is not None else [len(items or [])])
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    else:
+        tensor.contents.bytes_contents.extend(items)
+    for output in outputs:
+        request.outputs.add(name=output)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "message"),
+    [
+        ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "no model 'nope'"),
+        ({"version": "7"}, grpc.StatusCode.NOT_FOUND, "no version 7"),
+        ({"version": "latest"}, grpc.StatusCode.INVALID_ARGUMENT, "positive integer"),
+        ({"name": "image"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'image'"),
+        ({"datatype": "UINT8"}, grpc.StatusCode.INVALID_ARGUMENT, "must be BYTES"),
+        ({"shape": [2]}, grpc.StatusCode.INVALID_ARGUMENT, "but 1 elements"),
+        ({"shape": [1, 2]}, grpc.StatusCode.INVALID_ARGUMENT, "expected [N] or [N, 1]"),
+        ({"items": []}, grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+        ({"items": [IMAGES[0]] * 5}, grpc.StatusCode.INVALID_ARGUMENT, "at most 4"),
+        ({"items": [IMAGES[0], b"garbage"]}, grpc.StatusCode.INVALID_ARGUMENT, "image 1"),
+        ({"raw": b"\5\0\0\0abc", "shape": [1]}, grpc.StatusCode.INVALID_ARGUMENT, "claims 5 bytes"),
+        ({"outputs": ["logits"]}, grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'logits'"),
+        ({"name": "pixels", "datatype": "FP32", "raw": b"\0" * 12, "shape": [1, 1, 1, 3]},
+         grpc.StatusCode.INVALID_ARGUMENT, "expects [N, "),
+        ({"name": "pixels", "datatype": "FP32", "raw": b"\0" * 8, "shape": [1, 1, 1, 3]},
+         grpc.StatusCode.INVALID_ARGUMENT, "but 8 raw bytes"),
+    ],
+)
+def test_infer_status_codes(server, kwargs, code, message):
+    channel, infer, request_cls = _raw_call(server, "ModelInfer")
+    with channel, pytest.raises(grpc.RpcError) as exc_info:
+        infer(_request(request_cls, **kwargs), timeout=10)
+    assert exc_info.value.code() == code
+    assert message in exc_info.value.details()
+
+
+def test_two_inputs_and_mixed_contents_are_refused(server):
+    channel, infer, request_cls = _raw_call(server, "ModelInfer")
+    with channel:
+        request = _request(request_cls)
+        request.inputs.add(name="pixels", datatype="FP32", shape=[1])
+        with pytest.raises(grpc.RpcError, match="send exactly one"):
+            infer(request, timeout=10)
+        request = _request(request_cls)
+        request.raw_input_contents.append(join_bytes([IMAGES[0]]))
+        with pytest.raises(grpc.RpcError, match="both contents and raw_input_contents"):
+            infer(request, timeout=10)
+
+
+def test_tritonclient_reports_server_errors(client):
+    with pytest.raises(InferenceServerException) as exc_info:
+        client.infer("tiny", [_images_input([b"not an image"])])
+    assert exc_info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+        client.get_model_metadata("nope")
+
+
+def test_stream_answers_every_request_by_id_and_keeps_going_after_errors(server, reference):
+    answers: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=30)
+        for i in range(4):
+            client.async_stream_infer("tiny", [_images_input(IMAGES[i:i + 2])], request_id=f"r{i}")
+        client.async_stream_infer("tiny", [_images_input([b"garbage"])], request_id="bad-image")
+        client.async_stream_infer("nope", [_images_input(IMAGES[:1])], request_id="bad-model")
+        client.async_stream_infer("tiny", [_images_input(IMAGES[5:6])], request_id="after")
+        got = [answers.get(timeout=20) for _ in range(7)]
+        client.stop_stream()
+    finally:
+        client.close()
+    results = {result.get_response().id: result for result, error in got if error is None}
+    errors = [str(error) for _, error in got if error is not None]
+    assert set(results) == {"r0", "r1", "r2", "r3", "after"}
+    assert len(errors) == 2
+    assert any("INVALID_ARGUMENT" in e for e in errors) and any("no model 'nope'" in e for e in errors)
+    for i in range(4):
+        np.testing.assert_allclose(results[f"r{i}"].as_numpy("probabilities"), reference.probs(IMAGES[i:i + 2]),
+                                   atol=1e-5)
+
+
+def test_metrics_count_kserve_calls(client, server):
+    before = metric(scrape(server), "imgcls_requests_total", method="ModelInfer", model="tiny", version="2",
+                    code="OK")
+    images_before = metric(scrape(server), "imgcls_images_total", model="tiny", version="2", code="OK")
+    client.infer("tiny", [_images_input(IMAGES[:2])])
+    text = scrape(server)
+    assert metric(text, "imgcls_requests_total", method="ModelInfer", model="tiny", version="2",
+                  code="OK") == before + 1
+    assert metric(text, "imgcls_images_total", model="tiny", version="2", code="OK") == images_before + 2
+
+
+def test_loading_then_ready_and_deadline(service_repo):
+    """While models load: live, not ready, ModelInfer UNAVAILABLE. A held batch runs past the deadline."""
+    gates: dict[str, GatedRuntime] = {}
+
+    def hook(entry, runtime):
+        gates[f"{entry.name}/{entry.version}"] = gate = GatedRuntime(runtime)
+        gate.gate.clear()
+        return gate
+
+    with running_server(service_repo, runtime_hook=hook, wait=False) as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        try:
+            assert _wait_for(lambda: any(g.entered.is_set() for g in gates.values()))
+            assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready("tiny")
+            with pytest.raises(InferenceServerException) as exc_info:
+                client.infer("tiny", [_images_input(IMAGES[:1])])
+            assert exc_info.value.status() == "StatusCode.UNAVAILABLE"
+            for gate in list(gates.values()):
+                gate.gate.set()
+            while not server.wait_until_ready(0.2):  # later versions get their gate as they load
+                for gate in list(gates.values()):
+                    gate.gate.set()
+            assert client.is_server_ready() and client.is_model_ready("tiny")
+            gate = next(g for key, g in gates.items() if key.startswith("tiny/"))
+            gate.reset()
+            gate.gate.clear()
+            with pytest.raises(InferenceServerException) as exc_info:
+                client.infer("tiny", [_images_input(IMAGES[:1])], client_timeout=0.5)
+            assert exc_info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            gate.gate.set()
+            assert client.infer("tiny", [_images_input(IMAGES[:1])]).as_numpy("probabilities").shape == (1, 3)
+        finally:
+            for gate in list(gates.values()):
+                gate.gate.set()
+            client.close()
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return True
+        done.wait(0.05)
+    return False
