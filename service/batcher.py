@@ -114,6 +114,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
         self._stopping = False
+        self._closing = False  # close(): refuse new requests, finish the admitted ones
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
 
     def start(self) -> None:
@@ -126,7 +127,7 @@ class Batcher:
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
         """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once."""
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._closing:
                 raise ShuttingDown("the model is shutting down")
             if self._pending + n > self.max_queue_size:
                 raise QueueFull(f"queue full ({self._pending} of {self.max_queue_size} images waiting)")
@@ -184,11 +185,24 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Retire the batcher (a model version being unloaded): refuse new requests, run every image already
+        admitted (some may still be decoding), then stop. Returns False when `timeout` passed first; the
+        images left then get ShuttingDown."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        finished = not self._thread.is_alive()
+        self.stop(0)
+        return finished
+
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._stopping and not (self._closing and self._pending == 0):
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or not self._queue:
                 return None
             flush_at = self._queue[0].enqueued + self.max_queue_delay
             # Wait for a fuller batch only while admitted images are still being decoded.

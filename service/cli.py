@@ -47,8 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--metrics-port", "Prometheus /metrics port (0 = any free port)", 8000, type=int)
     _flag(serve, "--runtime", "artifact format for every model, or NAME=FORMAT per model, comma-separated: "
           "onnx, tflite, tflite-fp16, tflite-int8, savedmodel; default the fastest full-precision one", "")
-    _flag(serve, "--versions", "serve each model's latest version or all versions", "latest",
-          choices=["latest", "all"])
+    policy_env = os.environ.get("IMGCLS_VERSION_POLICY", os.environ.get("IMGCLS_VERSIONS", "latest"))
+    serve.add_argument("--version-policy", "--versions", dest="version_policy", default=policy_env, metavar="POLICY",
+                       help="versions of every model to serve: latest, latest:N, all or specific:V1,V2 (env "
+                            "IMGCLS_VERSION_POLICY; --versions/IMGCLS_VERSIONS is the older name), default latest")
+    serve.add_argument("--model-version-policy", action="append", metavar="NAME=POLICY",
+                       help="per-model policy, overrides --version-policy; repeat the flag, or separate entries "
+                            "with ';' (env IMGCLS_MODEL_VERSION_POLICY, used when the flag is not given)")
+    _flag(serve, "--poll-interval", "seconds between scans of the repository for new, failed or removed versions "
+          "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
     _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
     _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
     _flag(serve, "--grpc-workers", "gRPC handler threads (max calls in progress)", 64, type=int)
@@ -130,6 +137,21 @@ def _runtimes(text: str) -> tuple[str | None, dict[str, str]]:
     return default, per_model
 
 
+def _model_policies(values: list[str] | str | None) -> dict[str, str]:
+    """`--model-version-policy` entries (repeated flags, or one value with ';' between entries)."""
+    if isinstance(values, str):  # from the environment variable
+        values = [values]
+    policies = {}
+    for part in (p.strip() for value in values or [] for p in value.split(";")):
+        if not part:
+            continue
+        name, sep, policy = part.partition("=")
+        if not sep or not name.strip():
+            raise ImgclsError(f"--model-version-policy {part!r}: expected NAME=POLICY, e.g. flowers=latest:2")
+        policies[name.strip()] = policy.strip()
+    return policies
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from imgcls.service.server import InferenceServer, ServeConfig
 
@@ -138,7 +160,10 @@ def serve_command(args: argparse.Namespace) -> int:
     runtime, per_model = _runtimes(args.runtime or "")
     config = ServeConfig(
         model_repository=Path(args.model_repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
-        runtime=runtime, model_runtimes=per_model, versions=args.versions, grpc_workers=args.grpc_workers,
+        runtime=runtime, model_runtimes=per_model, versions=args.version_policy,
+        model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
+        poll_interval=args.poll_interval,
+        grpc_workers=args.grpc_workers,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,

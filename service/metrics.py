@@ -51,6 +51,12 @@ class Metrics:
         self.model_load_seconds = Gauge(
             "imgcls_model_load_duration_seconds", "Time to load and warm up a model version.",
             ["model", "version", "runtime"], registry=r)
+        self.model_load_failures = Counter(
+            "imgcls_model_load_failures", "Model versions that failed to load, verify or pass the probe.",
+            ["model", "version"], registry=r)
+        self.model_swaps = Counter(
+            "imgcls_model_swaps", "Changes of the set of versions served (hot reload: loads and unloads).",
+            ["model"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the /metrics HTTP server in a daemon thread; returns the http server (has `server_port`)."""

@@ -10,6 +10,12 @@ handlers only wait on an Event. Cancellation and deadlines come from the grpc co
 Lifecycle: `start()` binds the ports at once (health answers NOT_SERVING), loads and warms up the
 models in the background, then turns health to SERVING. `drain()` (SIGTERM) turns health NOT_SERVING,
 answers new calls UNAVAILABLE, lets calls in flight finish within the grace period, then stops.
+
+Hot reload (`poll_interval` > 0): the loader thread rescans the repository; a version the policy now
+wants is loaded, warmed up and probed with no lock held, then the model's version table is replaced in
+one assignment (copy on write: readers see the old table or the new one, never a mix), and a version
+no longer wanted is unloaded once no call that could have resolved it is left (see `lifecycle`).
+A version that fails is recorded in `failed` and never replaces what is serving.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from imgcls.errors import ImageDecodeError, ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PreprocessingSpec, preprocess_bytes
-from imgcls.service import repository, runtimes
+from imgcls.service import lifecycle, repository, runtimes
 from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from imgcls.service.metrics import Metrics
 from imgcls.v1 import inference_pb2 as pb
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "imgcls.v1.Inference"
 # Modules of imgcls.service that answer other protocols on the same port; each has
 # `handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]` and `SERVICE_NAMES`.
-PROTOCOLS: tuple[str, ...] = ("kserve",)
+PROTOCOLS: tuple[str, ...] = ("kserve", "tfserving")
 NO_DEADLINE = 1e8  # grpc reports a huge time_remaining for calls without a deadline
 
 
@@ -58,7 +64,9 @@ class ServeConfig:
     metrics_port: int = 8000
     runtime: str | None = None  # one format for every model, None = fastest full-precision
     model_runtimes: dict[str, str] = field(default_factory=dict)  # per model name, overrides `runtime`
-    versions: str = "latest"  # or "all"
+    versions: str = "latest"  # version policy for every model: latest, latest:N, all, specific:1,3
+    model_versions: dict[str, str] = field(default_factory=dict)  # per model name, overrides `versions`
+    poll_interval: float = 0.0  # seconds between repository scans for new/removed versions; 0 = no reload
     inference_threads: int = field(default_factory=runtimes.default_threads)
     decode_workers: int = field(default_factory=runtimes.default_threads)
     grpc_workers: int = 64
@@ -75,8 +83,11 @@ class ServeConfig:
     verify_checksums: bool = True
 
     def validate(self) -> None:
-        if self.versions not in ("latest", "all"):
-            raise ImgclsError(f"--versions must be latest or all, got {self.versions!r}")
+        repository.VersionPolicy.parse(self.versions, "--version-policy")
+        for name, text in self.model_versions.items():
+            repository.VersionPolicy.parse(text, f"--model-version-policy {name}=")
+        if self.poll_interval < 0:
+            raise ImgclsError("--poll-interval must be >= 0 (0 turns hot reload off)")
         for fmt in [self.runtime, *self.model_runtimes.values()]:
             if fmt is not None and fmt not in runtimes.FORMATS:
                 raise ImgclsError(f"--runtime {fmt}: choose one of {', '.join(runtimes.FORMATS)}")
@@ -90,6 +101,9 @@ class ServeConfig:
             raise ImgclsError("--max-images-per-request cannot exceed --max-queue-size")
         if self.max_queue_delay_ms < 0 or self.grace_period < 0:
             raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
+
+    def policy(self, model: str) -> repository.VersionPolicy:
+        return repository.VersionPolicy.parse(self.model_versions.get(model, self.versions))
 
 
 @dataclass
@@ -116,6 +130,15 @@ class RequestError(Exception):
         self.message = message
 
 
+@dataclass
+class ReloadResult:
+    """What one repository scan changed: (model, version) pairs."""
+
+    loaded: list[tuple[str, int]] = field(default_factory=list)
+    retired: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, int]] = field(default_factory=list)
+
+
 def _status(code: grpc.StatusCode, message: str = "") -> pb.Status:
     return pb.Status(code=code.value[0], message=message)
 
@@ -132,8 +155,10 @@ class InferenceServer:
         self.runtime_hook = runtime_hook
         self.metrics = Metrics()
         self.models: dict[str, dict[int, LoadedModel]] = {}
-        # model -> version -> error, for versions that failed to load or their probe (never served)
+        # model -> version -> error, for versions that failed to load or their probe (never served);
+        # replaced, not mutated, like `models`
         self.failed: dict[str, dict[int, str]] = {}
+        self._failed_prints: dict[tuple[str, int], tuple] = {}  # retried only when the folder changes
         self.ready = threading.Event()
         self.accepting = True
         self.load_error: BaseException | None = None
@@ -144,7 +169,11 @@ class InferenceServer:
         self._inflight = 0
         self._inflight_zero = threading.Condition()
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
-        self._plan: list[tuple[repository.Entry, str]] = []
+        self._formats: tuple[str, ...] = ()
+        self._epochs = lifecycle.CallEpochs()
+        self._reload_lock = threading.Lock()
+        self._closing = threading.Event()  # stop(): no more loads or polls
+        self._retiring: list[LoadedModel] = []  # unloaded, waiting for their last calls
         self._grpc: grpc.Server | None = None
         self._grpc_pool: ThreadPoolExecutor | None = None
         self._httpd = None
@@ -153,16 +182,19 @@ class InferenceServer:
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def start(self) -> InferenceServer:
-        """Plan (read manifests, pick artifacts; errors raise here), bind ports, load models in the background."""
+        """Check the repository and flags (errors raise here), bind ports, load models in the background."""
         cfg = self.config
-        available = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
+        self._formats = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
             f for f in runtimes.FORMATS if f != "savedmodel")
-        for entry in repository.scan(cfg.model_repository, cfg.versions):
-            requested = cfg.model_runtimes.get(entry.name, cfg.runtime)
-            self._plan.append((entry, runtimes.choose_artifact(entry.manifest, requested, available).format))
-        unknown = set(cfg.model_runtimes) - {e.name for e, _ in self._plan}
+        on_disk = repository.list_versions(cfg.model_repository)
+        if not on_disk:
+            raise ImgclsError(f"--model-repository {cfg.model_repository}: no models found "
+                              "(expected NAME/VERSION/manifest.json)")
+        unknown = set(cfg.model_runtimes) - set(on_disk)
         if unknown:
             raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
+        for name in sorted(set(cfg.model_versions) - set(on_disk)):
+            log.warning("--model-version-policy names %s, not in the repository (yet)", name)
 
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -192,27 +224,150 @@ class InferenceServer:
             raise ImgclsError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc})") from None
         self.metrics_port = self._httpd.server_port
         self._grpc.start()
-        log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model version(s)",
-                 cfg.host, self.port, cfg.host, self.metrics_port, len(self._plan))
-        threading.Thread(target=self._load_all, name="model-loader", daemon=True).start()
+        log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model(s)",
+                 cfg.host, self.port, cfg.host, self.metrics_port, len(on_disk))
+        threading.Thread(target=self._loader, name="model-loader", daemon=True).start()
         return self
 
-    def _load_all(self) -> None:
+    def _loader(self) -> None:
+        """Load the models, turn health SERVING, then (hot reload) poll the repository until stopped."""
         try:
-            for entry, fmt in self._plan:
-                self._load(entry, fmt)
+            self.reload()
+            self._check_startup()
         except BaseException as exc:  # reported by serve_forever / wait_until_ready
             log.error("loading models failed: %s", exc)
             self.load_error = exc
             self._stop_requested.set()
             return
-        if self.accepting:
+        if self.accepting and not self._closing.is_set():
             self.ready.set()
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready: %s", ", ".join(f"{e.name} v{e.version} ({f})" for e, f in self._plan))
+            log.info("ready: %s", ", ".join(f"{n} v{v} ({m.runtime})" for n, vs in self.models.items()
+                                            for v, m in vs.items()))
+        interval = self.config.poll_interval
+        if interval <= 0:
+            return
+        log.info("hot reload: scanning %s every %gs", self.config.model_repository, interval)
+        while not self._closing.wait(interval):
+            try:
+                self.reload()
+            except Exception as exc:  # e.g. the repository volume went away: keep serving what is loaded
+                log.error("repository scan failed, serving what is loaded: %s", exc)
 
-    def _load(self, entry: repository.Entry, fmt: str) -> None:
+    def _check_startup(self) -> None:
+        """At startup every model on disk must serve something (as before hot reload existed); a model
+        with a good older version serves it and reports the failed newer one."""
+        for name, versions in repository.list_versions(self.config.model_repository).items():
+            if name in self.models:
+                for version, error in sorted(self.failed.get(name, {}).items()):
+                    log.warning("%s v%d not served: %s", name, version, error)
+                continue
+            failures = self.failed.get(name, {})
+            if failures:
+                version, error = max(failures.items())
+                raise ImgclsError(f"model {name}: no version could be loaded; v{version}: {error}")
+            raise ImgclsError(f"model {name}: version policy {self.config.policy(name)} selects none of its "
+                              f"versions on disk {versions}")
+
+    def reload(self) -> ReloadResult:
+        """One scan of the repository: load what the version policies now want, unload what they no longer
+        want or what was removed, remember failures. Runs in the loader thread; tests may call it."""
+        result = ReloadResult()
+        with self._reload_lock:
+            if self._closing.is_set():
+                return result
+            root = self.config.model_repository
+            on_disk = repository.list_versions(root)
+            self._forget_failures(on_disk)
+            for name in sorted(set(on_disk) | set(self.models) | set(self.failed)):
+                if self._closing.is_set():
+                    break
+                self._sync_model(name, on_disk.get(name, []), result)
+        return result
+
+    def _forget_failures(self, on_disk: dict[str, list[int]]) -> None:
+        """Drop failures of versions that are gone or whose files changed (those get another try)."""
+        root = self.config.model_repository
+        kept: dict[str, dict[int, str]] = {}
+        for name, versions in self.failed.items():
+            for version, error in versions.items():
+                key = (name, version)
+                if version in on_disk.get(name, ()) and \
+                        repository.fingerprint(root / name / str(version)) == self._failed_prints.get(key):
+                    kept.setdefault(name, {})[version] = error
+                else:
+                    self._failed_prints.pop(key, None)
+        if kept != self.failed:
+            self.failed = kept
+
+    def _sync_model(self, name: str, on_disk: list[int], result: ReloadResult) -> None:
+        current = self.models.get(name, {})
+        loaded: dict[int, LoadedModel] = {}
+        policy = self.config.policy(name)
+        while True:  # each failure removes a candidate, so this ends
+            failed = self.failed.get(name, {})
+            wanted = policy.select([v for v in on_disk if v not in failed])
+            todo = [v for v in wanted if v not in current and v not in loaded]
+            if not todo:
+                break
+            for version in todo:
+                model = self._load_version(name, version)
+                if model is None:
+                    result.failed.append((name, version))
+                else:
+                    loaded[version] = model
+        if self._closing.is_set():
+            for model in loaded.values():
+                model.batcher.stop()
+            return
+        serving = {v: m for v, m in sorted({**current, **loaded}.items()) if v in wanted}
+        unused = [m for v, m in loaded.items() if v not in serving]
+        retired = [m for v, m in current.items() if v not in serving]
+        if not loaded and not retired:
+            return
+        models = dict(self.models)  # copy on write: a reader holds the old table or the new one
+        if serving:
+            models[name] = serving
+        else:
+            models.pop(name, None)
+        self.models = dict(sorted(models.items()))
+        epoch = self._epochs.advance()  # calls from now on can only see the new table
+        if self._closing.is_set():  # stop() may have missed the new table
+            for model in loaded.values():
+                model.batcher.stop()
+        self.metrics.model_swaps.labels(name).inc()
+        result.loaded += [(name, v) for v in loaded if v in serving]
+        result.retired += [(name, m.entry.version) for m in retired]
+        if current:
+            log.info("%s now serves %s (was %s)", name, sorted(serving) or "nothing", sorted(current))
+        for model in unused + retired:
+            self._retiring.append(model)
+            threading.Thread(target=self._retire, args=(model, epoch), daemon=True,
+                             name=f"retire-{name}-v{model.entry.version}").start()
+
+    def _record_failure(self, name: str, version: int, error: str) -> None:
+        root = self.config.model_repository
+        self._failed_prints[(name, version)] = repository.fingerprint(root / name / str(version))
+        self.failed = {**self.failed, name: {**self.failed.get(name, {}), version: error}}
+        self.metrics.model_load_failures.labels(name, str(version)).inc()
+        serving = sorted(self.models.get(name, {}))
+        log.error("%s v%d failed, not served (serving %s): %s", name, version, serving or "nothing", error)
+
+    def _load_version(self, name: str, version: int) -> LoadedModel | None:
+        """Read, verify, load, warm up and probe one version; None (and a recorded failure) if any step fails."""
+        cfg = self.config
+        try:
+            entry = repository.read_entry(cfg.model_repository, name, version)
+            requested = cfg.model_runtimes.get(name, cfg.runtime)
+            fmt = runtimes.choose_artifact(entry.manifest, requested, self._formats).format
+            return self._load(entry, fmt)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, ImgclsError) else f"{type(exc).__name__}: {exc}"
+            self._record_failure(name, version, error)
+            return None
+
+    def _load(self, entry: repository.Entry, fmt: str) -> LoadedModel:
         cfg, m = self.config, self.metrics
         start = time.monotonic()
         artifact = entry.manifest.artifact(fmt)
@@ -229,6 +384,7 @@ class InferenceServer:
             if out.shape != (n, entry.manifest.num_classes):
                 raise ImgclsError(f"{entry.folder} ({fmt}): output shape {out.shape}, expected "
                                   f"({n}, {entry.manifest.num_classes}) from the manifest's class_names")
+        lifecycle.probe(runtime, entry, artifact)
         name, version = entry.name, str(entry.version)
         batcher = Batcher(
             runtime.run, max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
@@ -236,11 +392,29 @@ class InferenceServer:
             on_batch=self._batch_observer(name, fmt), on_depth=m.queue_depth.labels(name).set,
         )
         batcher.start()
-        self.models.setdefault(name, {})[entry.version] = LoadedModel(entry, fmt, batcher)
         seconds = time.monotonic() - start
         m.model_load_seconds.labels(name, version, fmt).set(seconds)
         m.model_loaded.labels(name, version, entry.manifest.backbone, fmt).set(1)
         log.info("loaded %s v%s (%s, %s) in %.2fs", name, version, entry.manifest.backbone, fmt, seconds)
+        return LoadedModel(entry, fmt, batcher)
+
+    def _retire(self, model: LoadedModel, epoch: int) -> None:
+        """Unload a version once no call that could have resolved it is left: wait for the calls that
+        started before the swap (at most the grace period), then let its batcher finish what it admitted."""
+        deadline = time.monotonic() + self.config.grace_period
+        name, version = model.labels
+        if not self._epochs.wait_before(epoch, self.config.grace_period):
+            log.warning("%s v%s: %d call(s) from before the swap still open after %.0fs (streams?); unloading",
+                        name, version, self._epochs.in_flight_before(epoch), self.config.grace_period)
+        model.batcher.close(max(1.0, deadline - time.monotonic()))
+        for gauge, labels in ((self.metrics.model_loaded, (name, version, model.entry.manifest.backbone,
+                                                           model.runtime)),
+                              (self.metrics.model_load_seconds, (name, version, model.runtime))):
+            with suppress(KeyError):  # never set when the version failed before its gauges
+                gauge.remove(*labels)
+        if model in self._retiring:
+            self._retiring.remove(model)
+        log.info("unloaded %s v%s", name, version)
 
     def _batch_observer(self, model: str, fmt: str) -> Callable[[int, list[float], float], None]:
         batch_size = self.metrics.batch_size.labels(model)
@@ -287,11 +461,11 @@ class InferenceServer:
         if self._stopped.is_set():
             return
         self.accepting = False
+        self._closing.set()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
-        for versions in self.models.values():
-            for model in versions.values():
-                model.batcher.stop()
+        for model in [m for versions in self.models.values() for m in versions.values()] + list(self._retiring):
+            model.batcher.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self._grpc_pool is not None:
             self._grpc_pool.shutdown(wait=False)
@@ -334,11 +508,13 @@ class InferenceServer:
         gauge = self.metrics.inflight.labels(method)
         with self._inflight_zero:
             self._inflight += 1
+        epoch = self._epochs.enter()  # a version replaced after this is unloaded only once the call ends
         gauge.inc()
         try:
             yield
         finally:
             gauge.dec()
+            self._epochs.leave(epoch)
             with self._inflight_zero:
                 self._inflight -= 1
                 self._inflight_zero.notify_all()
@@ -350,21 +526,30 @@ class InferenceServer:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading")
 
     def resolve(self, name: str, version: int) -> LoadedModel:
+        """The model version a request asked for (0 = latest); reads the version table once."""
+        models = self.models  # one snapshot: hot reload replaces the table, never changes it in place
         if not name:
-            if len(self.models) != 1:
+            if len(models) != 1:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"model_name is required; serving: {', '.join(sorted(self.models))}")
-            name = next(iter(self.models))
-        versions = self.models.get(name)
+                                   f"model_name is required; serving: {', '.join(sorted(models))}")
+            name = next(iter(models))
+        versions = models.get(name)
+        failed = self.failed.get(name, {})
         if versions is None:
+            why = f" (failed to load: {self._failures(failed)})" if failed else ""
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"no model {name!r}; serving: {', '.join(sorted(self.models))}")
+                               f"no model {name!r}{why}; serving: {', '.join(sorted(models))}")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
+            why = f" (it failed to load: {failed[version]})" if version in failed else ""
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"model {name!r} has no version {version}; serving: {sorted(versions)}")
+                               f"model {name!r} has no version {version}{why}; serving: {sorted(versions)}")
         return versions[version]
+
+    @staticmethod
+    def _failures(failed: dict[int, str]) -> str:
+        return "; ".join(f"v{v}: {error}" for v, error in sorted(failed.items()))
 
     def submit(self, model: LoadedModel, images: list[bytes], deadline: float | None,
                on_done: Callable[[Job], object] | None = None) -> Job:
@@ -548,9 +733,12 @@ class Servicer(pb_grpc.InferenceServicer):
                 context.abort(exc.code, exc.message)
             m = model.entry.manifest
             spec = m.preprocessing
+            name = model.entry.name
             return pb.ModelMetadata(
-                name=model.entry.name, version=model.entry.version,
-                versions=sorted(self.s.models[model.entry.name]), backbone=m.backbone, class_names=m.class_names,
+                name=name, version=model.entry.version,
+                versions=sorted(self.s.models.get(name, {model.entry.version: model})),
+                failed_versions=_failed_versions(self.s.failed.get(name, {})),
+                backbone=m.backbone, class_names=m.class_names,
                 preprocessing=pb.Preprocessing(
                     height=spec.input_size[0], width=spec.input_size[1], mode=spec.mode, resize=spec.resize,
                     channel_order=spec.channel_order, scale=spec.scale, mean=spec.mean, std=spec.std),
@@ -563,14 +751,22 @@ class Servicer(pb_grpc.InferenceServicer):
                 self.s.check_accepting()
             except RequestError as exc:
                 context.abort(exc.code, exc.message)
+            models, failed = self.s.models, self.s.failed  # snapshots: hot reload replaces both
             summaries = []
-            for name in sorted(self.s.models):
-                versions = self.s.models[name]
-                latest = versions[max(versions)]
-                summaries.append(pb.ModelSummary(
-                    name=name, versions=sorted(versions), backbone=latest.entry.manifest.backbone,
-                    runtime=latest.runtime, num_classes=latest.entry.manifest.num_classes))
+            for name in sorted(set(models) | set(failed)):
+                summary = pb.ModelSummary(name=name, failed_versions=_failed_versions(failed.get(name, {})))
+                if name in models:  # else every version of it failed: listed so the failure shows
+                    versions = models[name]
+                    latest = versions[max(versions)]
+                    summary.versions.extend(sorted(versions))
+                    summary.backbone, summary.runtime = latest.entry.manifest.backbone, latest.runtime
+                    summary.num_classes = latest.entry.manifest.num_classes
+                summaries.append(summary)
             return pb.ListModelsResponse(models=summaries)
+
+
+def _failed_versions(failed: dict[int, str]) -> list[pb.FailedVersion]:
+    return [pb.FailedVersion(version=v, error=error) for v, error in sorted(failed.items())]
 
 
 _END = object()
