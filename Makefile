@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: install keras-cache demo test test-fast lint clean container-test
+.PHONY: install keras-cache demo test test-fast lint clean container-test peers-env bench-peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ lint: install
 # Build the image with buildah from the Dockerfile and serve a tiny model in it (root; README, Deployment).
 container-test: install
 	bash scripts/container_test.sh
+
+# Benchmark peers (Triton through nvidia-pytriton, perf_analyzer) in their own .venv-peers, never in .venv;
+# bench-peers runs imgcls and Triton side by side on the demo's flower model (README, Side-by-side with Triton).
+peers-env:
+	bash scripts/peers_env.sh
+
+bench-peers: install peers-env
+	$(BIN)/python benchmarks/bench_peers.py --model-repository $(RUNS)/repo --model flowers \
+	  --images $(HOME)/.keras/datasets/flower_photos --duration 10 --json $(RUNS)/bench_peers.json
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,360 @@
+"""imgcls and NVIDIA Triton side by side: same model, same images, same client, one run, one table.
+
+Measures on this machine, for one ONNX model of a repository: the in-process ceiling (decode + preprocess +
+runtime, benchmarks/bench_service.py (b)); `imgcls serve` through its own `Predict` (bench_service's Python
+client) and through its KServe v2 endpoint driven by Triton's `perf_analyzer`; and Triton 2.51 (nvidia-pytriton,
+benchmarks/triton_model.py) serving the same ONNX file behind its dynamic batcher, decoding the same encoded
+photos with the same imgcls.preprocessing code, driven by the same `perf_analyzer`. Concurrency 1, 8, 32,
+single-image requests. Goal (issue 8): imgcls matches Triton's throughput at equal or lower p99 at every
+concurrency. Triton and perf_analyzer live in .venv-peers (`make peers-env`), never in the project's venv.
+
+    python benchmarks/bench_peers.py --model-repository runs/repo --model flowers \\
+        --images ~/.keras/datasets/flower_photos --duration 10 --json runs/bench_peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_service  # the sibling script: its in-process and Predict measurements
+
+from imgcls.preprocessing import IMAGE_EXTENSIONS
+from imgcls.service import repository, runtimes
+from imgcls.service.server import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PEERS = Path(os.environ.get("IMGCLS_PEERS_VENV", ROOT / ".venv-peers"))
+SERVE_DEFAULTS = ServeConfig(model_repository=ROOT)
+IMGCLS, TRITON = "imgcls", "Triton 2.51 (pytriton 0.7.0)"
+PERF_ANALYZER = "perf_analyzer 2.51"
+
+
+class PeersMissing(RuntimeError):
+    """The peers environment is absent or broken; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The benchmark peers in their own virtualenv: its Python (pytriton) and perf_analyzer."""
+
+    python: Path
+    perf_analyzer: Path
+    pa_env: dict[str, str]
+
+
+def find_peers(venv: Path = DEFAULT_PEERS) -> Peers:
+    """Locate .venv-peers and check that perf_analyzer starts (it needs libb64 and libcudart.so.12)."""
+    python, pa = venv / "bin" / "python", venv / "bin" / "perf_analyzer"
+    if not python.exists() or not pa.exists():
+        raise PeersMissing(f"{venv}: no Triton/perf_analyzer environment; run `make peers-env` "
+                           "(scripts/peers_env.sh) first")
+    cudart = sorted(venv.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
+    ld = os.pathsep.join([*(str(p) for p in cudart), os.environ.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+    env = {**os.environ, "LD_LIBRARY_PATH": ld}
+    probe = subprocess.run([str(pa), "--version"], env=env, capture_output=True, text=True, timeout=30)
+    if "error while loading shared libraries" in probe.stderr:
+        raise PeersMissing(f"perf_analyzer does not start ({probe.stderr.strip()}); run `make peers-env`")
+    return Peers(python, pa, env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """benchmarks/triton_model.py in .venv-peers, in its own process group so that nothing it spawns
+    (tritonserver, the Python backend stubs) outlives the benchmark."""
+
+    def __init__(self, peers: Peers, repo: Path, model: str, instances: int) -> None:
+        self.grpc_port = free_port()
+        cmd = [str(peers.python), str(ROOT / "benchmarks" / "triton_model.py"), "--model-repository", str(repo),
+               "--model", model, "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()),
+               "--metrics-port", str(free_port()), "--threads", str(SERVE_DEFAULTS.inference_threads),
+               "--decode-workers", str(SERVE_DEFAULTS.decode_workers), "--instances", str(instances),
+               "--max-batch-size", str(SERVE_DEFAULTS.max_batch_size),
+               "--max-queue-delay-ms", str(SERVE_DEFAULTS.max_queue_delay_ms)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.log: list[str] = []
+        self.ready: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            if line.startswith("triton ready:"):
+                self.ready.put(True)
+
+    def wait_ready(self, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.ready.get(timeout=0.5)
+                return f"127.0.0.1:{self.grpc_port}"
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+        raise RuntimeError("Triton did not start:\n" + "".join(self.log[-40:]))
+
+    def stop(self) -> None:
+        """SIGINT is what pytriton's serve() handles to stop tritonserver and clean its workspace."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left
+
+
+_METADATA = """
+import sys, tritonclient.grpc as g
+try:
+    m = g.InferenceServerClient(sys.argv[1]).get_model_metadata(sys.argv[2], as_json=True)
+except Exception as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
+print(next((i["name"] for i in m.get("inputs", []) if i["datatype"] == "BYTES"), ""))
+"""
+
+
+def kserve_bytes_input(peers: Peers, url: str, model: str) -> tuple[str | None, str]:
+    """The model's BYTES input as KServe v2 ModelMetadata reports it (tritonclient, the same library
+    perf_analyzer's protocol comes from). (name, "") or (None, why)."""
+    out = subprocess.run([str(peers.python), "-c", _METADATA, url, model], capture_output=True, text=True,
+                         timeout=60)
+    name = out.stdout.strip()
+    if out.returncode or not name:
+        return None, (out.stderr.strip().splitlines() or ["no BYTES input in ModelMetadata"])[-1]
+    return name, ""
+
+
+def write_input_data(data: list[bytes], input_name: str, path: Path) -> Path:
+    """perf_analyzer --input-data: one [1]-shaped BYTES tensor per step; `b64` holds the raw tensor contents,
+    which for BYTES is each element with its 4-byte little-endian length prefix."""
+    steps = [{input_name: {"b64": base64.b64encode(struct.pack("<I", len(d)) + d).decode(), "shape": [1]}}
+             for d in data]
+    path.write_text(json.dumps({"data": steps}))
+    return path
+
+
+def perf_analyzer(peers: Peers, url: str, model: str, input_json: Path, concurrency: int, duration: float,
+                  stability: float, workdir: Path) -> dict:
+    """One concurrency level, closed loop, synchronous gRPC calls of one image each. perf_analyzer reports the
+    last 3 measurement windows merged once they agree within `stability` percent, so each window is
+    duration/3 and the figures cover about `duration` seconds. An unstable level is re-run accepting any
+    spread and marked `stable: false`."""
+    csv_path = workdir / f"pa-{url.rsplit(':', 1)[1]}-{concurrency}.csv"
+    base = [str(peers.perf_analyzer), "-m", model, "-u", url, "-i", "grpc", "-b", "1",
+            "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(input_json),
+            "--measurement-interval", str(max(500, round(duration * 1000 / 3))), "-f", str(csv_path)]
+    timeout = 12 * duration + 120
+    for stab, stable in ((stability, True), (1000.0, False)):
+        out = subprocess.run([*base, "--stability-percentage", str(stab)], env=peers.pa_env, capture_output=True,
+                             text=True, timeout=timeout)
+        if out.returncode == 0 and csv_path.exists():
+            with csv_path.open() as f:
+                rec = next(csv.DictReader(f))
+            return {"images_per_s": float(rec["Inferences/Second"]), "p50_ms": float(rec["p50 latency"]) / 1000,
+                    "p99_ms": float(rec["p99 latency"]) / 1000, "stable": stable}
+    raise RuntimeError(f"perf_analyzer failed against {url} at concurrency {concurrency}:\n"
+                       f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+
+
+def result(server: str, protocol: str, client: str, concurrency: int | str, m: dict) -> dict:
+    return {"server": server, "protocol": protocol, "client": client, "concurrency": concurrency,
+            "images_per_s": m["images_per_s"], "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"],
+            "stable": m.get("stable", True)}
+
+
+def bench_perf_analyzer(peers: Peers, url: str, model: str, server: str, data: list[bytes], concurrency: list[int],
+                        args: argparse.Namespace, workdir: Path) -> tuple[list[dict], str]:
+    """All concurrency levels against one KServe v2 endpoint, after a short unmeasured warm-up."""
+    name, why = kserve_bytes_input(peers, url, model)
+    if name is None:
+        return [], f"{server}: no KServe v2 BYTES input ({why}); its perf_analyzer rows are missing"
+    input_json = write_input_data(data, name, workdir / f"input-{url.rsplit(':', 1)[1]}.json")
+    perf_analyzer(peers, url, model, input_json, max(concurrency), 1.5, 1000.0, workdir)  # warm-up
+    rows = []
+    for c in concurrency:
+        m = perf_analyzer(peers, url, model, input_json, c, args.duration, args.stability, workdir)
+        rows.append(result(server, "KServe v2 gRPC", PERF_ANALYZER, c, m))
+        print(f"# {server} via {PERF_ANALYZER}, {c}: {m['images_per_s']:.1f} img/s", file=sys.stderr)
+    return rows, ""
+
+
+def bench_imgcls(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
+                 workdir: Path) -> tuple[list[dict], str]:
+    """`imgcls serve` with its defaults (onnx forced): own Predict with the Python client, then KServe v2."""
+    server = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
+                                   f"{entry.name}=onnx"])
+    try:
+        port, _ = server.wait_ports()
+        target = f"127.0.0.1:{port}"
+        rows = []
+        for r, c in zip(bench_service.bench_server(target, entry.name, data, concurrency, args.duration),
+                        concurrency, strict=True):
+            rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r))
+        try:
+            pa_rows, note = bench_perf_analyzer(peers, target, entry.name, IMGCLS, data, concurrency, args, workdir)
+        except RuntimeError as exc:  # an endpoint still being built must not cost the Triton half of the run
+            pa_rows, note = [], f"{IMGCLS} KServe v2 via {PERF_ANALYZER}: {str(exc).strip().splitlines()[-1]}"
+        return rows + pa_rows, note
+    finally:
+        server.stop()
+
+
+def bench_triton(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
+                 workdir: Path) -> list[dict]:
+    triton = TritonServer(peers, args.model_repository, entry.name, args.triton_instances)
+    try:
+        url = triton.wait_ready()
+        rows, note = bench_perf_analyzer(peers, url, entry.name, TRITON, data, concurrency, args, workdir)
+        if note:
+            raise RuntimeError(note)
+        return rows
+    finally:
+        triton.stop()
+
+
+def bench_ceiling(entry, data: list[bytes], concurrency: list[int], duration: float) -> list[dict]:
+    """bench_service (b) with the ONNX runtime and imgcls serve's thread settings."""
+    artifact = runtimes.choose_artifact(entry.manifest, "onnx")
+    runtime = runtimes.load_runtime(entry.folder, artifact, SERVE_DEFAULTS.inference_threads)
+    rows = bench_service.bench_in_process(runtime, entry.manifest.preprocessing, data, concurrency, duration,
+                                          SERVE_DEFAULTS.decode_workers)
+    return [result("in-process ceiling", "-", "-", r["setting"], r) for r in rows]
+
+
+def machine() -> dict:
+    """What the figures depend on: CPUs, model, memory, GPU presence, load before the run."""
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), model)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpus": runtimes.default_threads(), "cpu_model": model, "memory_gib": round(mem, 1),
+            "gpu": "present" if shutil.which("nvidia-smi") else "none", "python": platform.python_version(),
+            "load_before": os.getloadavg()}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| server | protocol | client | concurrency | img/s | p50 ms | p99 ms |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        flag = " (unstable)" if not r["stable"] else ""
+        lines.append(f"| {r['server']} | {r['protocol']} | {r['client']} | {r['concurrency']}{flag} | "
+                     f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def goal(rows: list[dict], concurrency: list[int]) -> list[dict]:
+    """Per concurrency, imgcls's KServe endpoint against Triton, both driven by perf_analyzer."""
+    def pick(server: str, c: int) -> dict | None:
+        return next((r for r in rows if r["server"] == server and r["client"] == PERF_ANALYZER
+                     and r["concurrency"] == c), None)
+
+    out = []
+    for c in concurrency:
+        mine, theirs = pick(IMGCLS, c), pick(TRITON, c)
+        if mine and theirs:
+            out.append({"concurrency": c, "throughput_ratio": mine["images_per_s"] / theirs["images_per_s"],
+                        "p99_diff_ms": mine["p99_ms"] - theirs["p99_ms"],
+                        "met": mine["images_per_s"] >= theirs["images_per_s"] and mine["p99_ms"] <= theirs["p99_ms"]})
+    return out
+
+
+def load_images(folder: Path, limit: int) -> list[bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    return [p.read_bytes() for p in files]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the servers through the same `finally` blocks as Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--max-images", type=int, default=256, help="images loaded from --images")
+    parser.add_argument("--stability", type=float, default=10.0,
+                        help="perf_analyzer --stability-percentage (re-run unstable levels accepting any spread)")
+    parser.add_argument("--triton-instances", type=int, default=1, help="Triton model instances")
+    parser.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    entry = next((e for e in repository.scan(args.model_repository) if e.name == args.model), None)
+    if entry is None:
+        parser.error(f"--model {args.model}: not in {args.model_repository}")
+    data = load_images(args.images, args.max_images)
+    if not data:
+        parser.error(f"no images under {args.images}")
+    try:
+        peers = find_peers(args.peers_venv)
+    except PeersMissing as exc:
+        print(f"bench_peers: {exc}", file=sys.stderr)
+        return 2
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    meta = {"model": entry.name, "version": entry.version, "backbone": entry.manifest.backbone, "runtime": "onnx",
+            "images": len(data), "duration_s": args.duration, "triton_instances": args.triton_instances,
+            "machine": machine()}
+    print(f"# {entry.name} v{entry.version} ({entry.manifest.backbone}, onnx), {len(data)} images, machine "
+          f"{meta['machine']}", file=sys.stderr)
+
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        rows = bench_ceiling(entry, data, concurrency, args.duration / 2)
+        mine, note = bench_imgcls(peers, entry, data, concurrency, args, Path(tmp))
+        rows += mine
+        notes += [note] if note else []
+        rows += bench_triton(peers, entry, data, concurrency, args, Path(tmp))
+    meta["load_after"] = os.getloadavg()
+    summary = goal(rows, concurrency)
+
+    m = meta["machine"]
+    print(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, GPU: {m['gpu']}; load average "
+          f"{m['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.\n")
+    print(markdown(rows))
+    for g in summary:
+        print(f"\nconcurrency {g['concurrency']}: imgcls/Triton throughput {g['throughput_ratio']:.2f}x, p99 "
+              f"{g['p99_diff_ms']:+.1f} ms: goal {'met' if g['met'] else 'NOT met'}", end="")
+    print()
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "goal": summary, "notes": notes}, indent=2)
+                             + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
