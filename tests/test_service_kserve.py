@@ -263,3 +263,61 @@ def _wait_for(condition, timeout: float = 20.0) -> bool:
             return True
         done.wait(0.05)
     return False
+
+
+def test_cancelled_stream_frees_its_slots_and_is_no_longer_in_flight(service_repo):
+    gates: dict[str, GatedRuntime] = {}
+
+    def hook(entry, runtime):
+        gates[entry.name] = GatedRuntime(runtime)
+        return gates[entry.name]
+
+    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=2,
+                        max_images_per_request=2, max_queue_delay_ms=0) as server:
+        gate = gates["tiny"]
+        gate.reset()
+        gate.gate.clear()
+        request_cls, response_cls = protocols.method_types(SERVICE, "ModelStreamInfer")
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stream_call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer",
+                                                    request_serializer=request_cls.SerializeToString,
+                                                    response_deserializer=response_cls.FromString)
+                requests = (_request(request_cls, items=[IMAGES[i]]) for i in range(3))
+                stream = stream_call(requests, timeout=20)
+                assert gate.entered.wait(5)
+                batcher = server.models["tiny"][2].batcher
+                assert _wait_for(lambda: batcher.depth == 2)  # one in the model, two queued
+                stream.cancel()
+                assert _wait_for(lambda: batcher.depth == 0)
+                gate.gate.set()
+                assert _wait_for(lambda: metric(scrape(server), "imgcls_inflight_requests",
+                                                method="ModelStreamInfer") == 0)
+                assert gate.images_seen() == 1
+        finally:
+            gate.gate.set()
+
+
+def test_a_version_that_failed_to_load_is_reported(service_repo, tmp_path):
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(service_repo, repo)
+    onnx = repo / "tiny" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-16] + b"\0" * 16)  # the manifest's sha256 no longer matches
+    with running_server(repo, versions="all", runtime="onnx") as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        try:
+            assert client.is_model_ready("tiny", "2") and not client.is_model_ready("tiny", "1")
+            states = {(m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models}
+            assert states[("tiny", "2")] == ("READY", "")
+            state, reason = states[("tiny", "1")]
+            assert state == "UNAVAILABLE" and reason
+            channel, index, request_cls = _raw_call(server, "RepositoryIndex")
+            with channel:
+                ready = index(request_cls(ready=True), timeout=10)
+            assert {(m.name, m.version) for m in ready.models} == {("tiny", "2"), ("other", "1")}
+            with pytest.raises(InferenceServerException, match="version 1 failed to load"):
+                client.get_model_metadata("tiny", "1")
+        finally:
+            client.close()
