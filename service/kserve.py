@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 
 import grpc
 import numpy as np
@@ -86,11 +87,9 @@ class Service:
         return protocols.message("inference.ModelReadyResponse")(ready=ready)
 
     def ServerMetadata(self, request, context):
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
-            ours = version("imgcls")
-        except PackageNotFoundError:
+            ours = metadata.version("imgcls")
+        except metadata.PackageNotFoundError:
             ours = "unknown"
         return protocols.message("inference.ServerMetadataResponse")(
             name="imgcls", version=ours, extensions=list(EXTENSIONS))
