@@ -83,16 +83,16 @@ def _versions(model_dir: Path) -> list[int]:
             if (child / MANIFEST_FILE).is_file():
                 found.append(int(child.name))
             else:
-                _warn_once(f"{child}: no {MANIFEST_FILE}, skipped (an export in progress?)")
+                warn_once(f"{child}: no {MANIFEST_FILE}, skipped (an export in progress?)")
     if not found:
-        _warn_once(f"{model_dir}: no version folders with a manifest, skipped")
+        warn_once(f"{model_dir}: no version folders with a manifest, skipped")
     return sorted(found)
 
 
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     """A poll every few seconds must not repeat the same warning each time."""
     if message not in _warned:
         _warned.add(message)

@@ -279,6 +279,9 @@ class InferenceServer:
                 return result
             root = self.config.model_repository
             on_disk = repository.list_versions(root)
+            if not on_disk and self.models:  # an unmounted or briefly empty volume, not a decision to stop
+                repository.warn_once(f"--model-repository {root} looks empty; keeping the models loaded")
+                return result
             self._forget_failures(on_disk)
             for name in sorted(set(on_disk) | set(self.models) | set(self.failed)):
                 if self._closing.is_set():
@@ -503,21 +506,35 @@ class InferenceServer:
     # --- request handling helpers -----------------------------------------------------------------------------
 
     @contextmanager
-    def track(self, method: str) -> Iterator[None]:
-        """Count a call in flight (for the gauge and for draining)."""
+    def track(self, method: str, pin_models: bool = True) -> Iterator[None]:
+        """Count a call in flight (for the gauge and for draining). With `pin_models`, a version that hot
+        reload replaces during the call stays loaded until the call ends; a long stream passes False and
+        pins each message instead (`pin_models()`), so it does not keep an old version resident."""
         gauge = self.metrics.inflight.labels(method)
         with self._inflight_zero:
             self._inflight += 1
-        epoch = self._epochs.enter()  # a version replaced after this is unloaded only once the call ends
         gauge.inc()
         try:
-            yield
+            if pin_models:
+                with self.pin_models():
+                    yield
+            else:
+                yield
         finally:
             gauge.dec()
-            self._epochs.leave(epoch)
             with self._inflight_zero:
                 self._inflight -= 1
                 self._inflight_zero.notify_all()
+
+    @contextmanager
+    def pin_models(self) -> Iterator[None]:
+        """Hold the versions resolved inside this block loaded: wrap resolve() through submit(); once a job is
+        admitted its batcher finishes it even if the version is being unloaded (see `lifecycle`)."""
+        epoch = self._epochs.enter()
+        try:
+            yield
+        finally:
+            self._epochs.leave(epoch)
 
     def check_accepting(self) -> None:
         if not self.accepting:
@@ -717,7 +734,7 @@ class Servicer(pb_grpc.InferenceServicer):
                 self._record("Predict", model, code, start)
 
     def PredictStream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.PredictResponse]:
-        with self.s.track("PredictStream"):
+        with self.s.track("PredictStream", pin_models=False):  # pinned per message in _Stream._admit
             try:
                 self.s.check_accepting()
             except RequestError as exc:
@@ -833,15 +850,16 @@ class _Stream:
     def _admit(self, request: pb.PredictRequest) -> None:
         start, model, top_k = time.monotonic(), None, 0
         try:
-            model = self.s.resolve(request.model_name, request.model_version)
-            top_k = self.servicer._validate(request)
-            with self.lock:
-                if self.closed:  # read after the client cancelled: admitting it would run an orphan job
-                    raise RequestError(grpc.StatusCode.CANCELLED, "stream cancelled")
-                job = self.s.submit(model, list(request.images), self.deadline,
-                                    on_done=lambda job: self.out.put((request, start, model, job, top_k, None)))
-                if not job.done.is_set():
-                    self.jobs[id(job)] = (model, job)
+            with self.s.pin_models():  # the stream itself does not pin versions, each request does
+                model = self.s.resolve(request.model_name, request.model_version)
+                top_k = self.servicer._validate(request)
+                with self.lock:
+                    if self.closed:  # read after the client cancelled: admitting it would run an orphan job
+                        raise RequestError(grpc.StatusCode.CANCELLED, "stream cancelled")
+                    job = self.s.submit(model, list(request.images), self.deadline,
+                                        on_done=lambda job: self.out.put((request, start, model, job, top_k, None)))
+                    if not job.done.is_set():
+                        self.jobs[id(job)] = (model, job)
         except RequestError as exc:
             self.out.put((request, start, model, None, top_k, exc))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import threading
 import time
@@ -246,6 +247,36 @@ def test_a_call_that_resolved_the_old_version_can_still_submit_after_the_swap(re
             assert job.done.wait(10) and isinstance(job.results[0], np.ndarray)
             assert old in server._retiring
         wait_for(lambda: not server._retiring, what="version 1 unloaded after the call ended")
+
+
+def test_an_open_stream_does_not_keep_the_replaced_version_loaded(repo, service_repo):
+    """Streams pin versions per request, not for their whole life: the old version goes while the stream
+    stays open, and the stream's next request is answered by the new one."""
+    requests: queue.Queue = queue.Queue()
+
+    def feed() -> Iterator[pb.PredictRequest]:
+        while (item := requests.get()) is not None:
+            yield item
+
+    with running_server(repo, grace_period=60) as server, stub_for(server) as stub:
+        responses = stub.PredictStream(feed(), timeout=30)
+        requests.put(pb.PredictRequest(model_name="tiny", images=[IMAGE], request_id="a"))
+        assert next(responses).model_version == 1
+        publish(repo, service_repo / "tiny" / "2", "tiny", 2)
+        server.reload()
+        wait_for(lambda: not server._retiring, timeout=10, what="version 1 unloaded with the stream open")
+        requests.put(pb.PredictRequest(model_name="tiny", images=[IMAGE], request_id="b"))
+        second = next(responses)
+        assert (second.request_id, second.model_version, second.error.code) == ("b", 2, 0)
+        requests.put(None)
+        assert list(responses) == []
+
+
+def test_an_empty_repository_does_not_unload_everything(repo):
+    with running_server(repo) as server:
+        shutil.move(repo / "tiny", repo.parent / "tiny-away")  # e.g. the volume is briefly unmounted
+        assert server.reload().retired == []
+        assert served(server) == {"tiny": [1]}
 
 
 def nan_for_version(version: int):
