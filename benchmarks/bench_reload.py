@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.settle)
             before_end = time.monotonic()
             rss_before = statistics.median(sampler.between(before_end - 2, before_end))
+            hwm_start = status_kib(server.proc.pid, "VmHWM") * 1024  # start-up peak: one version warming up
             hwm_reset = True
             try:  # reset VmHWM so it reports the swap's peak, not the start-up's
                 Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "runtime": args.runtime, "poll_interval_s": args.poll_interval, "clients": args.clients,
         "rss_before_mib": rss_before / MIB,
         "rss_peak_sampled_mib": max(during) / MIB,
-        "vmhwm_mib": hwm / MIB, "vmhwm_reset_before_publish": hwm_reset,
+        "vmhwm_startup_mib": hwm_start / MIB, "vmhwm_mib": hwm / MIB, "vmhwm_reset_before_publish": hwm_reset,
         "rss_after_mib": statistics.median(sampler.between(end - 2, end)) / MIB,
         "load_warmup_probe_s": load_s,
         "publish_to_first_v2_s": first_v2 - published,
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.model} ({args.runtime}), {args.clients} clients, poll {args.poll_interval}s; "
           f"{results['machine']}, load average {results['load_average'][0]:.2f}")
     print("| measure | value |\n|---|---:|")
-    rows = [("RSS before publishing (v1 serving)", f"{results['rss_before_mib']:.0f} MiB"),
+    rows = [("peak RSS at start-up (v1 loading and warming up), VmHWM", f"{results['vmhwm_startup_mib']:.0f} MiB"),
+            ("RSS before publishing (v1 serving)", f"{results['rss_before_mib']:.0f} MiB"),
             ("peak RSS during the swap, sampled every 10 ms", f"{results['rss_peak_sampled_mib']:.0f} MiB"),
             ("peak RSS during the swap, VmHWM" + ("" if hwm_reset else " (since start: reset refused)"),
              f"{results['vmhwm_mib']:.0f} MiB"),
