@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 SERVICE_NAMES = (SERVICE,)
 EXTENSIONS = ("classification", "model_repository")  # Triton's names for what ModelInfer / RepositoryIndex add
+TYPE_STRING, TYPE_FP32 = 13, 11  # model_config.proto DataType values
 PLATFORMS = {"onnx": "onnxruntime_onnx", "savedmodel": "tensorflow_savedmodel"}  # Triton's names; tflite*: below
 
 
@@ -106,10 +107,32 @@ class Service:
             response = protocols.message("inference.ModelMetadataResponse")(
                 name=model.entry.name, versions=[str(v) for v in sorted(self.s.models.get(model.entry.name, {}))],
                 platform=PLATFORMS.get(model.runtime, "litert_tflite"))
-            response.inputs.add(name=IMAGES, datatype="BYTES", shape=[-1])
+            response.inputs.add(name=IMAGES, datatype="BYTES", shape=[-1, 1])
             response.inputs.add(name=PIXELS, datatype="FP32", shape=[-1, h, w, 3])
             response.outputs.add(name=PROBABILITIES, datatype="FP32", shape=[-1, manifest.num_classes])
             return response
+
+    def ModelConfig(self, request, context):
+        """Triton's configuration, for tools that need it (perf_analyzer): batch dimension first, at most
+        --max-images-per-request; both inputs optional, since a request sends one of them."""
+        with self.s.track("ModelConfig"):
+            try:
+                self.s.check_accepting()
+                model = self._resolve(request.name, request.version)
+            except RequestError as exc:
+                context.abort(exc.code, exc.message)
+            manifest = model.entry.manifest
+            h, w = manifest.preprocessing.input_size
+            config_cls = protocols.message("inference.ModelConfig")
+            input_cls = protocols.message("inference.ModelInput")
+            config = config_cls(name=model.entry.name, platform=PLATFORMS.get(model.runtime, "litert_tflite"),
+                                max_batch_size=self.s.config.max_images_per_request)
+            config.input.add(name=IMAGES, data_type=TYPE_STRING, dims=[1], optional=True)
+            config.input.add(name=PIXELS, data_type=TYPE_FP32, format=input_cls.FORMAT_NHWC, dims=[h, w, 3],
+                             optional=True)
+            config.output.add(name=PROBABILITIES, data_type=TYPE_FP32, dims=[manifest.num_classes])
+            config.dynamic_batching.max_queue_delay_microseconds = round(self.s.config.max_queue_delay_ms * 1000)
+            return protocols.message("inference.ModelConfigResponse")(config=config)
 
     def RepositoryIndex(self, request, context):
         """Served versions are READY; versions that failed to load are UNAVAILABLE with the reason."""
@@ -309,7 +332,7 @@ def handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]:
     service = Service(server)
     methods = {}
     for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                 "RepositoryIndex"):
+                 "ModelConfig", "RepositoryIndex"):
         request_cls, response_cls = protocols.method_types(SERVICE, name)
         methods[name] = grpc.unary_unary_rpc_method_handler(
             getattr(service, name), request_deserializer=request_cls.FromString,

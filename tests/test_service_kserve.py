@@ -74,8 +74,13 @@ def test_server_and_model_metadata(client, server):
     assert (model.name, list(model.versions), model.platform) == ("tiny", ["1", "2"], "onnxruntime_onnx")
     h, w = server.models["tiny"][2].spec.input_size
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
-        ("images", "BYTES", [-1]), ("pixels", "FP32", [-1, h, w, 3])]
+        ("images", "BYTES", [-1, 1]), ("pixels", "FP32", [-1, h, w, 3])]
     assert [(t.name, t.datatype, list(t.shape)) for t in model.outputs] == [("probabilities", "FP32", [-1, 3])]
+    config = client.get_model_config("tiny", "1").config  # what perf_analyzer reads before it sends requests
+    assert (config.name, config.max_batch_size) == ("tiny", 4)
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("images", 13, [1], True), ("pixels", 11, [h, w, 3], True)]  # TYPE_STRING, TYPE_FP32
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("probabilities", 11, [3])]
     index = client.get_model_repository_index()
     assert {(m.name, m.version, m.state) for m in index.models} == {
         ("tiny", "1", "READY"), ("tiny", "2", "READY"), ("other", "1", "READY")}
