@@ -326,3 +326,46 @@ def test_a_version_that_failed_to_load_is_reported(service_repo, tmp_path):
                 client.get_model_metadata("tiny", "1")
         finally:
             client.close()
+
+
+def test_compat_protos_match_upstream_field_by_field():
+    """Every message, field and enum value we declare exists upstream (tritonclient's generated descriptors)
+    with the same number, type and cardinality, and every method has upstream's types: wire compatibility."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    pool = protocols.pool()
+    ours = [pool.FindFileByName("grpc_service.proto"), pool.FindFileByName("model_config.proto")]
+    upstream = {fd.name: fd for fd in (service_pb2.DESCRIPTOR, model_config_pb2.DESCRIPTOR)}
+
+    def check(mine, theirs) -> int:
+        checked = 0
+        for field in mine.fields:
+            other = theirs.fields_by_name.get(field.name)
+            assert other is not None, f"{mine.full_name}.{field.name} is not upstream"
+            assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated), \
+                f"{mine.full_name}.{field.name}"
+            kind = field.message_type or field.enum_type
+            assert (kind.full_name if kind else None) == ((other.message_type or other.enum_type).full_name
+                                                          if kind else None), f"{mine.full_name}.{field.name}"
+            checked += 1
+        for nested in mine.nested_types:
+            checked += check(nested, theirs.nested_types_by_name[nested.name])
+        for enum in mine.enum_types:
+            assert {v.name: v.number for v in enum.values}.items() <= {
+                v.name: v.number for v in theirs.enum_types_by_name[enum.name].values}.items()
+        return checked
+
+    fields = 0
+    for fd in ours:
+        for message in fd.message_types_by_name.values():
+            fields += check(message, upstream[fd.name].message_types_by_name[message.name])
+        for enum in fd.enum_types_by_name.values():
+            assert {v.name: v.number for v in enum.values} == {
+                v.name: v.number for v in upstream[fd.name].enum_types_by_name[enum.name].values}
+    assert fields > 60
+    service, theirs = pool.FindServiceByName(SERVICE), service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        other = theirs.methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,
+                method.server_streaming) == (other.input_type.full_name, other.output_type.full_name,
+                                             other.client_streaming, other.server_streaming)
