@@ -224,6 +224,10 @@ def test_predict_accepts_n_by_1_strings_any_key_and_output_filter(predictions, n
     response = predictions.Predict(request, timeout=10)
     assert list(response.outputs) == ["probabilities"]
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), native(IMAGES[:2]), atol=1e-6)
+    scalar = tf.make_tensor_proto(IMAGES[3])  # shape []: one image
+    assert not scalar.tensor_shape.dim
+    response = predictions.Predict(_predict_request(images=scalar), timeout=10)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["probabilities"]), native(IMAGES[3:4]), atol=1e-6)
 
 
 def test_predict_preprocessed_floats_equals_encoded(predictions, service_repo, native):
