@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -37,6 +38,7 @@ pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
 IMAGES = [sample_image(50 + i, size=(36 + 5 * i, 30 + 3 * i), fmt="PNG" if i % 2 else "JPEG") for i in range(5)]
 LIMITS = {"max_images_per_request": 8, "max_message_bytes": 4 * 1024 * 1024}
 COMPAT_PREFIXES = ("tensorflow/", "tensorflow_serving/", "xla/")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,15 @@ def test_compat_protos_match_upstream_field_by_field():
                     problems.append(f"{method.full_name}: ours {mine} != upstream {theirs_m}")
     assert not problems, "\n".join(problems)
     assert checked > 40
+
+
+def test_protocols_descriptor_set_is_current(tmp_path):
+    """service/protocols.binpb is what `proto/generate.py` compiles from the committed proto/compat files."""
+    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "service" / "protocols.binpb").read_bytes() == protocols.DESCRIPTOR_SET.read_bytes(), (
+        "service/protocols.binpb is stale: run `python proto/generate.py` and commit it with the .proto files")
 
 
 def test_contract_test_catches_a_wrong_field_number():
