@@ -2,9 +2,11 @@
 preprocessed pixels instead of encoded images changes.
 
 Starts `imgcls serve` in a subprocess and drives it with N closed-loop clients, one single-image request at
-a time each: `Predict` (imgcls client), `ModelInfer` with the encoded image (tritonclient, BYTES input
-`images`), `ModelInfer` with preprocessed float32 pixels (tritonclient, FP32 input `pixels`, computed before
-the clock starts). Prints a markdown table.
+a time each: `Predict` (imgcls client), `ModelInfer` with the encoded image (through tritonclient, and through
+a plain grpc stub, which leaves out the client library's own cost), `ModelInfer` with preprocessed float32
+pixels (tritonclient, FP32 input `pixels`, computed before the clock starts). The calls take turns in
+`--rounds` short slices per concurrency, so load from other processes falls on all of them alike. Prints a
+markdown table.
 
     python benchmarks/bench_kserve.py --model-repository REPO --model flowers --images DIR [--duration 8]
 """
@@ -53,15 +55,19 @@ def closed_loop(call: Callable[[int], object], clients: int, duration: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    import grpc
     import tritonclient.grpc as triton
 
+    from imgcls.service import protocols
     from imgcls.service.client import Client
+    from imgcls.service.kserve_tensors import join_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per call and concurrency")
+    parser.add_argument("--rounds", type=int, default=4, help="slices each measurement is split into")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--max-images", type=int, default=128)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `imgcls serve` flag (repeat)")
@@ -95,20 +101,41 @@ def main(argv: list[str] | None = None) -> int:
                 tensor.set_data_from_numpy(x)
                 return [tensor]
 
+            channel = grpc.insecure_channel(target)
+            request_cls, response_cls = protocols.method_types("inference.GRPCInferenceService", "ModelInfer")
+            stub = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                       request_serializer=request_cls.SerializeToString,
+                                       response_deserializer=response_cls.FromString)
+
+            def plain(i: int) -> object:
+                request = request_cls(model_name=args.model)
+                request.inputs.add(name="images", datatype="BYTES", shape=[1, 1])
+                request.raw_input_contents.append(join_bytes([data[i % len(data)]]))
+                return stub(request, timeout=30)
+
             calls = {
                 "Predict (encoded image)": lambda i: imgcls_client.predict([data[i % len(data)]], model=args.model,
                                                                           top_k=1),
-                "ModelInfer (encoded image)": lambda i: kserve.infer(args.model, images_input(i)),
-                "ModelInfer (FP32 pixels)": lambda i: kserve.infer(args.model, pixels_input(i)),
+                "ModelInfer (encoded image, tritonclient)": lambda i: kserve.infer(args.model, images_input(i)),
+                "ModelInfer (encoded image, grpc stub)": plain,
+                "ModelInfer (FP32 pixels, tritonclient)": lambda i: kserve.infer(args.model, pixels_input(i)),
             }
-            for name, call in calls.items():
+            for call in calls.values():
                 for i in range(20):  # warm-up: connections, first batches
                     call(i)
-                for n in (int(c) for c in args.concurrency.split(",")):
-                    count, seconds, latencies = closed_loop(call, n, args.duration)
+            for n in (int(c) for c in args.concurrency.split(",")):
+                totals = {name: [0, 0.0, []] for name in calls}
+                for _ in range(args.rounds):
+                    for name, call in calls.items():
+                        count, seconds, latencies = closed_loop(call, n, args.duration / args.rounds)
+                        totals[name][0] += count
+                        totals[name][1] += seconds
+                        totals[name][2] += latencies
+                for name, (count, seconds, latencies) in totals.items():
                     rows.append(row(name, f"{n} client{'s' if n > 1 else ''}", count, seconds, latencies))
                     print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr)
             kserve.close()
+            channel.close()
     finally:
         server.stop()
     print(markdown(rows).replace("| stage |", "| call |", 1))
