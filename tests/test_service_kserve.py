@@ -277,7 +277,8 @@ def test_cancelled_stream_frees_its_slots_and_is_no_longer_in_flight(service_rep
         gates[entry.name] = GatedRuntime(runtime)
         return gates[entry.name]
 
-    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=2,
+    # Room for all three in the queue: with exactly 2, the third could be refused before the first left it.
+    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=4,
                         max_images_per_request=2, max_queue_delay_ms=0) as server:
         gate = gates["tiny"]
         gate.reset()
@@ -369,3 +370,41 @@ def test_compat_protos_match_upstream_field_by_field():
         assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,
                 method.server_streaming) == (other.input_type.full_name, other.output_type.full_name,
                                              other.client_streaming, other.server_streaming)
+
+
+def test_drain_not_ready_but_live_refuses_new_calls_and_finishes_the_one_in_flight(service_repo):
+    gates: dict[str, GatedRuntime] = {}
+
+    def hook(entry, runtime):
+        gates[entry.name] = GatedRuntime(runtime)
+        return gates[entry.name]
+
+    with running_server(service_repo, runtime_hook=hook) as server:
+        gate = gates["tiny"]
+        gate.reset()
+        gate.gate.clear()
+        channel, infer, request_cls = _raw_call(server, "ModelInfer")
+        ready_cls, ready_response = protocols.method_types(SERVICE, "ServerReady")
+        live_cls, live_response = protocols.method_types(SERVICE, "ServerLive")
+        try:
+            with channel:
+                ready = channel.unary_unary(f"/{SERVICE}/ServerReady", request_serializer=ready_cls.SerializeToString,
+                                            response_deserializer=ready_response.FromString)
+                live = channel.unary_unary(f"/{SERVICE}/ServerLive", request_serializer=live_cls.SerializeToString,
+                                           response_deserializer=live_response.FromString)
+                in_flight = infer.future(_request(request_cls), timeout=20)
+                assert gate.entered.wait(5)
+                drainer = threading.Thread(target=server.drain, args=(10.0,))
+                drainer.start()
+                assert _wait_for(lambda: not ready(ready_cls(), timeout=5).ready)
+                assert live(live_cls(), timeout=5).live
+                with pytest.raises(grpc.RpcError) as exc_info:
+                    infer(_request(request_cls), timeout=5)
+                assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+                gate.gate.set()
+                response = in_flight.result(timeout=10)
+                assert response.model_name == "tiny" and len(response.raw_output_contents[0]) == 3 * 4
+                drainer.join(15)
+                assert not drainer.is_alive()
+        finally:
+            gate.gate.set()
