@@ -1,8 +1,8 @@
 """KServe v2 / Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), on the imgcls port.
 
-So that tritonclient, KServe's InferenceServerClient and anything else that speaks the protocol can use
-imgcls without its own API. Requests go through the same model resolution, queue limits, dynamic batcher,
-deadlines, cancellation, drain and metrics as `imgcls.v1.Inference` (method labels `ModelInfer`,
+So that tritonclient, KServe clients, Triton's perf_analyzer and anything else that speaks the protocol can
+use imgcls without its own API. Requests go through the same model resolution, queue limits, dynamic
+batcher, deadlines, cancellation, drain and metrics as `imgcls.v1.Inference` (method labels `ModelInfer`,
 `ModelStreamInfer`). The protocol has no per-image status, so one failed image fails the request.
 Tensors: `kserve_tensors.py`; messages: `protocols.py` (private descriptor pool).
 """
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 SERVICE_NAMES = (SERVICE,)
-EXTENSIONS = ("classification", "model_repository")  # Triton's names for what ModelInfer / RepositoryIndex add
-TYPE_STRING, TYPE_FP32 = 13, 11  # model_config.proto DataType values
+# Triton's extension names; not "model_repository", whose load/unload methods imgcls does not have
+EXTENSIONS = ("classification",)
 PLATFORMS = {"onnx": "onnxruntime_onnx", "savedmodel": "tensorflow_savedmodel"}  # Triton's names; tflite*: below
 
 
@@ -127,10 +127,10 @@ class Service:
             input_cls = protocols.message("inference.ModelInput")
             config = config_cls(name=model.entry.name, platform=PLATFORMS.get(model.runtime, "litert_tflite"),
                                 max_batch_size=self.s.config.max_images_per_request)
-            config.input.add(name=IMAGES, data_type=TYPE_STRING, dims=[1], optional=True)
-            config.input.add(name=PIXELS, data_type=TYPE_FP32, format=input_cls.FORMAT_NHWC, dims=[h, w, 3],
+            config.input.add(name=IMAGES, data_type="TYPE_STRING", dims=[1], optional=True)
+            config.input.add(name=PIXELS, data_type="TYPE_FP32", format=input_cls.FORMAT_NHWC, dims=[h, w, 3],
                              optional=True)
-            config.output.add(name=PROBABILITIES, data_type=TYPE_FP32, dims=[manifest.num_classes])
+            config.output.add(name=PROBABILITIES, data_type="TYPE_FP32", dims=[manifest.num_classes])
             config.dynamic_batching.max_queue_delay_microseconds = round(self.s.config.max_queue_delay_ms * 1000)
             return protocols.message("inference.ModelConfigResponse")(config=config)
 
