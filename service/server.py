@@ -178,6 +178,7 @@ class InferenceServer:
         self._grpc_pool: ThreadPoolExecutor | None = None
         self._httpd = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -196,7 +197,10 @@ class InferenceServer:
         for name in sorted(set(cfg.model_versions) - set(on_disk)):
             log.warning("--model-version-policy names %s, not in the repository (yet)", name)
 
-        for name in ("", SERVICE_NAME):
+        protocol_modules = [importlib.import_module(f"imgcls.service.{name}") for name in PROTOCOLS]
+        # health answers for the whole server ("") and for every service on the port
+        self._health_names = ("", SERVICE_NAME, *(s for module in protocol_modules for s in module.SERVICE_NAMES))
+        for name in self._health_names:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -207,8 +211,7 @@ class InferenceServer:
         self._grpc = grpc.server(self._grpc_pool, options=options,
                                  maximum_concurrent_rpcs=cfg.grpc_workers + cfg.max_queue_size)
         pb_grpc.add_InferenceServicer_to_server(Servicer(self), self._grpc)
-        for module_name in PROTOCOLS:
-            module = importlib.import_module(f"imgcls.service.{module_name}")
+        for module in protocol_modules:
             self._grpc.add_generic_rpc_handlers(module.handlers(self))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -241,7 +244,7 @@ class InferenceServer:
             return
         if self.accepting and not self._closing.is_set():
             self.ready.set()
-            for name in ("", SERVICE_NAME):
+            for name in self._health_names:
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("ready: %s", ", ".join(f"{n} v{v} ({m.runtime})" for n, vs in self.models.items()
                                             for v, m in vs.items()))

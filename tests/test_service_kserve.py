@@ -82,6 +82,11 @@ def test_server_and_model_metadata(client, server):
         ("images", 13, [1], True), ("pixels", 11, [h, w, 3], True)]  # TYPE_STRING, TYPE_FP32
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("probabilities", 11, [3])]
     index = client.get_model_repository_index()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # grpc health knows the service too
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
     assert {(m.name, m.version, m.state) for m in index.models} == {
         ("tiny", "1", "READY"), ("tiny", "2", "READY"), ("other", "1", "READY")}
 
