@@ -171,7 +171,7 @@ class Service:
                 self._record("ModelInfer", model, code, start)
 
     def ModelStreamInfer(self, requests, context) -> Iterator:
-        with self.s.track("ModelStreamInfer"):
+        with self.s.track("ModelStreamInfer", pin_models=False):  # pinned per request in _Stream._admit
             try:
                 self.s.check_accepting()
             except RequestError as exc:
@@ -306,13 +306,16 @@ class _Stream:
 
         model = None
         try:
-            model = self.service._resolve(request.model_name, request.model_version)
-            with self.lock:
-                call = self.service._admit(model, request, start, self.deadline, on_done=done)
-                holder.append(call)
-                finished_early = fired.is_set()
-                if not finished_early:
-                    self.calls[id(call.job)] = call
+            with self.s.pin_models():  # the stream itself does not pin versions (hot reload), each request does
+                model = self.service._resolve(request.model_name, request.model_version)
+                with self.lock:
+                    if self.closed:  # read after the client cancelled: admitting it would run an orphan job
+                        raise RequestError(grpc.StatusCode.CANCELLED, "stream cancelled")
+                    call = self.service._admit(model, request, start, self.deadline, on_done=done)
+                    holder.append(call)
+                    finished_early = fired.is_set()
+                    if not finished_early:
+                        self.calls[id(call.job)] = call
             if finished_early:
                 self.out.put(call)
         except RequestError as exc:

@@ -413,3 +413,32 @@ def test_drain_not_ready_but_live_refuses_new_calls_and_finishes_the_one_in_flig
                 assert not drainer.is_alive()
         finally:
             gate.gate.set()
+
+
+def test_an_open_stream_does_not_keep_a_replaced_version_loaded(service_repo, tmp_path):
+    """Hot reload: ModelStreamInfer pins versions per request, so version 1 is unloaded while the stream stays
+    open (not after the 60 s grace period), and the stream's next request is answered by version 2."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(service_repo / "tiny" / "1", repo / "tiny" / "1")
+    feed: queue.Queue = queue.Queue()
+    with running_server(repo, grace_period=60) as server:
+        request_cls, response_cls = protocols.method_types(SERVICE, "ModelStreamInfer")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stream_call = channel.stream_stream(f"/{SERVICE}/ModelStreamInfer",
+                                                request_serializer=request_cls.SerializeToString,
+                                                response_deserializer=response_cls.FromString)
+            responses = stream_call(iter(feed.get, None), timeout=30)
+            feed.put(_request(request_cls, items=[IMAGES[0]]))
+            assert next(responses).infer_response.model_version == "1"
+            shutil.copytree(service_repo / "tiny" / "2", repo / "tiny" / ".staging-2")
+            (repo / "tiny" / ".staging-2").rename(repo / "tiny" / "2")  # published atomically, as export does
+            server.reload()
+            assert _wait_for(lambda: metric(scrape(server), "imgcls_model_loaded", model="tiny", version="1") == 0,
+                             timeout=10), "version 1 still loaded with the stream open"
+            feed.put(_request(request_cls, items=[IMAGES[1]]))
+            second = next(responses)
+            assert (second.error_message, second.infer_response.model_version) == ("", "2")
+            feed.put(None)
+            assert list(responses) == []
