@@ -119,13 +119,14 @@ class TritonServer:
         raise RuntimeError("Triton did not start:\n" + "".join(self.log[-40:]))
 
     def stop(self) -> None:
-        """SIGINT is what pytriton's serve() handles to stop tritonserver and clean its workspace."""
+        """SIGTERM to triton_model.py, which stops tritonserver and removes pytriton's workspace; then SIGKILL to
+        whatever of the process group is left."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 _METADATA = """

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,18 @@ def python_lib_dir() -> str:
     """The running Python's own lib folder: Triton's Python backend stub must load this libpython, not the
     system's (a different build that fails to start the stub)."""
     return sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """pytriton's serve() stops tritonserver and removes its workspace on KeyboardInterrupt. A process started in
+    the background of a non-interactive shell inherits SIGINT ignored, so install the handlers explicitly, and
+    treat SIGTERM the same way."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def make_infer(entry, threads: int, decode_workers: int):
@@ -71,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    stop_on_signals()
 
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (python_lib_dir(), os.environ.get("LD_LIBRARY_PATH", "")) if p)
