@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from service_fixtures import write_images
+from service_fixtures import sample_image, write_images
+
+from imgcls.preprocessing import preprocess_bytes
+from imgcls.service import repository, runtimes
 
 pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
 
@@ -19,16 +23,55 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "bench_peers.py"
 
 
-def peers_or_skip():
+_INFER = """
+import json, sys, numpy as np, tritonclient.grpc as g
+client, out = g.InferenceServerClient(sys.argv[1]), []
+for path in sys.argv[3:]:
+    tensor = g.InferInput("images", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[open(path, "rb").read()]], dtype=object))
+    out.append(client.infer(sys.argv[2], [tensor]).as_numpy("probabilities")[0].tolist())
+print(json.dumps(out))
+"""
+
+
+def bench_peers_module():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_peers
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return bench_peers
+
+
+def peers_or_skip():
+    bench_peers = bench_peers_module()
     try:
         return bench_peers.find_peers()
     except bench_peers.PeersMissing as exc:
         pytest.skip(f"Triton / perf_analyzer not installed (benchmark-only peers): {exc}")
+
+
+@pytest.mark.slow
+def test_triton_peer_does_the_same_job(service_repo, tmp_path):
+    """Triton's model (benchmarks/triton_model.py) answers encoded images with exactly imgcls's probabilities:
+    same decode, preprocessing and ONNX file, so the benchmark compares servers, not models."""
+    peers = peers_or_skip()
+    paths = []
+    for i, fmt in enumerate(["JPEG", "PNG", "JPEG"]):
+        paths.append(tmp_path / f"{i}.{fmt.lower()}")
+        paths[-1].write_bytes(sample_image(i, fmt=fmt))
+    entry = next(e for e in repository.scan(service_repo) if e.name == "tiny")
+    runtime = runtimes.load_runtime(entry.folder, runtimes.choose_artifact(entry.manifest, "onnx"), 1)
+    expected = runtime.run(np.stack([preprocess_bytes(p.read_bytes(), entry.manifest.preprocessing) for p in paths]))
+    triton = bench_peers_module().TritonServer(peers, service_repo, "tiny", 1)
+    try:
+        url = triton.wait_ready()
+        out = subprocess.run([str(peers.python), "-c", _INFER, url, "tiny", *map(str, paths)], capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        triton.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads(out.stdout)), expected, atol=1e-6)
 
 
 @pytest.mark.slow
