@@ -188,54 +188,69 @@ def result(server: str, protocol: str, client: str, concurrency: int | str, m: d
             "stable": m.get("stable", True)}
 
 
-def bench_perf_analyzer(peers: Peers, url: str, model: str, server: str, data: list[bytes], concurrency: list[int],
-                        args: argparse.Namespace, workdir: Path) -> tuple[list[dict], str]:
-    """All concurrency levels against one KServe v2 endpoint, after a short unmeasured warm-up."""
+@dataclass
+class Endpoint:
+    """One KServe v2 endpoint that perf_analyzer drives, with its input file (None: not measurable, see `note`)."""
+
+    server: str
+    url: str
+    input_json: Path | None = None
+    note: str = ""
+
+
+def prepare_endpoint(peers: Peers, server: str, url: str, model: str, data: list[bytes], warm: int,
+                     workdir: Path) -> Endpoint:
+    """Find the BYTES input, write perf_analyzer's input file, and warm the server up (unmeasured)."""
     name, why = kserve_bytes_input(peers, url, model)
     if name is None:
-        return [], f"{server}: no KServe v2 BYTES input ({why}); its perf_analyzer rows are missing"
-    input_json = write_input_data(data, name, workdir / f"input-{url.rsplit(':', 1)[1]}.json")
-    perf_analyzer(peers, url, model, input_json, max(concurrency), 1.5, 1000.0, workdir)  # warm-up
-    rows = []
-    for c in concurrency:
-        m = perf_analyzer(peers, url, model, input_json, c, args.duration, args.stability, workdir)
-        rows.append(result(server, "KServe v2 gRPC", PERF_ANALYZER, c, m))
-        print(f"# {server} via {PERF_ANALYZER}, {c}: {m['images_per_s']:.1f} img/s", file=sys.stderr)
-    return rows, ""
-
-
-def bench_imgcls(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
-                 workdir: Path) -> tuple[list[dict], str]:
-    """`imgcls serve` with its defaults (onnx forced): own Predict with the Python client, then KServe v2."""
-    server = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
-                                   f"{entry.name}=onnx"])
+        return Endpoint(server, url, note=f"{server}: no KServe v2 BYTES input ({why}); its perf_analyzer rows "
+                                          "are missing")
+    endpoint = Endpoint(server, url, write_input_data(data, name, workdir / f"input-{url.rsplit(':', 1)[1]}.json"))
     try:
-        port, _ = server.wait_ports()
-        target = f"127.0.0.1:{port}"
-        rows = []
-        for r, c in zip(bench_service.bench_server(target, entry.name, data, concurrency, args.duration),
-                        concurrency, strict=True):
-            rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r))
-        try:
-            pa_rows, note = bench_perf_analyzer(peers, target, entry.name, IMGCLS, data, concurrency, args, workdir)
-        except RuntimeError as exc:  # an endpoint still being built must not cost the Triton half of the run
-            pa_rows, note = [], f"{IMGCLS} KServe v2 via {PERF_ANALYZER}: {str(exc).strip().splitlines()[-1]}"
-        return rows + pa_rows, note
-    finally:
-        server.stop()
+        perf_analyzer(peers, url, model, endpoint.input_json, warm, 1.5, 1000.0, workdir)
+    except RuntimeError as exc:
+        endpoint.input_json, endpoint.note = None, f"{server} via {PERF_ANALYZER}: {str(exc).strip().splitlines()[-1]}"
+    return endpoint
 
 
-def bench_triton(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
-                 workdir: Path) -> list[dict]:
+def measure_level(peers: Peers, endpoints: list[Endpoint], predict_target: str, model: str, data: list[bytes],
+                  c: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """One concurrency level on every server back to back, so a change in the machine's load between levels
+    hits all of them alike: each KServe endpoint with perf_analyzer, then imgcls Predict with the Python client."""
+    rows = []
+    for ep in endpoints:
+        if ep.input_json is None:
+            continue
+        m = perf_analyzer(peers, ep.url, model, ep.input_json, c, args.duration, args.stability, workdir)
+        rows.append(result(ep.server, "KServe v2 gRPC", PERF_ANALYZER, c, m))
+        print(f"# {ep.server} via {PERF_ANALYZER}, {c}: {m['images_per_s']:.1f} img/s", file=sys.stderr)
+    (r,) = bench_service.bench_server(predict_target, model, data, [c], args.duration)
+    rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r))
+    print(f"# {IMGCLS} Predict, {c}: {r['images_per_s']:.1f} img/s", file=sys.stderr)
+    return rows
+
+
+def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
+                  workdir: Path) -> tuple[list[dict], list[str]]:
+    """`imgcls serve` (its defaults, ONNX runtime) and Triton up side by side (idle, each uses no CPU), measured
+    level by level; both are stopped whatever happens."""
+    imgcls = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
+                                   f"{entry.name}=onnx"])
     triton = TritonServer(peers, args.model_repository, entry.name, args.triton_instances)
     try:
-        url = triton.wait_ready()
-        rows, note = bench_perf_analyzer(peers, url, entry.name, TRITON, data, concurrency, args, workdir)
-        if note:
-            raise RuntimeError(note)
-        return rows
+        target = f"127.0.0.1:{imgcls.wait_ports()[0]}"
+        triton_url = triton.wait_ready()
+        warm = max(concurrency)
+        endpoints = [prepare_endpoint(peers, IMGCLS, target, entry.name, data, warm, workdir),
+                     prepare_endpoint(peers, TRITON, triton_url, entry.name, data, warm, workdir)]
+        if endpoints[1].input_json is None:
+            raise RuntimeError(endpoints[1].note)
+        rows = [r for c in concurrency
+                for r in measure_level(peers, endpoints, target, entry.name, data, c, args, workdir)]
+        return rows, [ep.note for ep in endpoints if ep.note]
     finally:
         triton.stop()
+        imgcls.stop()
 
 
 def bench_ceiling(entry, data: list[bytes], concurrency: list[int], duration: float) -> list[dict]:
@@ -330,13 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {entry.name} v{entry.version} ({entry.manifest.backbone}, onnx), {len(data)} images, machine "
           f"{meta['machine']}", file=sys.stderr)
 
-    notes = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         rows = bench_ceiling(entry, data, concurrency, args.duration / 2)
-        mine, note = bench_imgcls(peers, entry, data, concurrency, args, Path(tmp))
-        rows += mine
-        notes += [note] if note else []
-        rows += bench_triton(peers, entry, data, concurrency, args, Path(tmp))
+        served, notes = bench_servers(peers, entry, data, concurrency, args, Path(tmp))
+    rows += sorted(served, key=lambda r: (r["server"] != IMGCLS, r["client"] != "bench_service.py (Python)"))
     meta["load_after"] = os.getloadavg()
     summary = goal(rows, concurrency)
 
