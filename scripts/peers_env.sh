@@ -6,11 +6,11 @@
 # Idempotent: a stamp file records a finished install; delete .venv-peers to redo it.
 #
 #   bash scripts/peers_env.sh            # or: make peers-env
-#   PEERS_VENV=/tmp/peers bash scripts/peers_env.sh
+#   IMGCLS_PEERS_VENV=/tmp/peers bash scripts/peers_env.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-VENV=${PEERS_VENV:-.venv-peers}
+VENV=${IMGCLS_PEERS_VENV:-.venv-peers}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 STAMP="$VENV/.peers-stamp"
 PACKAGES=(
