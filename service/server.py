@@ -137,6 +137,7 @@ class ReloadResult:
     loaded: list[tuple[str, int]] = field(default_factory=list)
     retired: list[tuple[str, int]] = field(default_factory=list)
     failed: list[tuple[str, int]] = field(default_factory=list)
+    on_disk: dict[str, list[int]] = field(default_factory=dict)  # what the scan found
 
 
 def _status(code: grpc.StatusCode, message: str = "") -> pb.Status:
@@ -235,8 +236,7 @@ class InferenceServer:
     def _loader(self) -> None:
         """Load the models, turn health SERVING, then (hot reload) poll the repository until stopped."""
         try:
-            self.reload()
-            self._check_startup()
+            self._check_startup(self.reload().on_disk)
         except BaseException as exc:  # reported by serve_forever / wait_until_ready
             log.error("loading models failed: %s", exc)
             self.load_error = exc
@@ -258,10 +258,10 @@ class InferenceServer:
             except Exception as exc:  # e.g. the repository volume went away: keep serving what is loaded
                 log.error("repository scan failed, serving what is loaded: %s", exc)
 
-    def _check_startup(self) -> None:
+    def _check_startup(self, on_disk: dict[str, list[int]]) -> None:
         """At startup every model on disk must serve something (as before hot reload existed); a model
         with a good older version serves it and reports the failed newer one."""
-        for name, versions in repository.list_versions(self.config.model_repository).items():
+        for name, versions in on_disk.items():
             if name in self.models:
                 for version, error in sorted(self.failed.get(name, {}).items()):
                     log.warning("%s v%d not served: %s", name, version, error)
@@ -281,7 +281,7 @@ class InferenceServer:
             if self._closing.is_set():
                 return result
             root = self.config.model_repository
-            on_disk = repository.list_versions(root)
+            on_disk = result.on_disk = repository.list_versions(root)
             if not on_disk and self.models:  # an unmounted or briefly empty volume, not a decision to stop
                 repository.warn_once(f"--model-repository {root} looks empty; keeping the models loaded")
                 return result

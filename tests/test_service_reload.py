@@ -272,6 +272,18 @@ def test_an_open_stream_does_not_keep_the_replaced_version_loaded(repo, service_
         assert list(responses) == []
 
 
+def test_rollback_by_moving_the_newest_version_away(repo, service_repo):
+    """Under `latest`, renaming the newest folder to a non-number brings the previous version back (it is
+    loaded again) and only then drops the rejected one."""
+    with running_server(repo) as server:
+        publish(repo, service_repo / "tiny" / "1", "tiny", 2)
+        assert server.reload().retired == [("tiny", 1)]
+        os.rename(repo / "tiny" / "2", repo / "tiny" / "2.rejected")
+        result = server.reload()
+        assert (result.loaded, result.retired) == ([("tiny", 1)], [("tiny", 2)])
+        assert served(server) == {"tiny": [1]}
+
+
 def test_an_empty_repository_does_not_unload_everything(repo):
     with running_server(repo) as server:
         shutil.move(repo / "tiny", repo.parent / "tiny-away")  # e.g. the volume is briefly unmounted
