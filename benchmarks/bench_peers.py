@@ -2,11 +2,13 @@
 
 Measures on this machine, for one ONNX model of a repository: the in-process ceiling (decode + preprocess +
 runtime, benchmarks/bench_service.py (b)); `imgcls serve` through its own `Predict` (bench_service's Python
-client) and through its KServe v2 endpoint driven by Triton's `perf_analyzer`; and Triton 2.51 (nvidia-pytriton,
-benchmarks/triton_model.py) serving the same ONNX file behind its dynamic batcher, decoding the same encoded
-photos with the same imgcls.preprocessing code, driven by the same `perf_analyzer`. Concurrency 1, 8, 32,
-single-image requests. Goal (issue 8): imgcls matches Triton's throughput at equal or lower p99 at every
-concurrency. Triton and perf_analyzer live in .venv-peers (`make peers-env`), never in the project's venv.
+client) and through its KServe v2 endpoint driven by Triton's `perf_analyzer`; and Triton 2.51 serving the same
+ONNX file behind its dynamic batcher, decoding the same encoded photos with the same imgcls.preprocessing code,
+driven by the same `perf_analyzer`, in two variants: Triton's own Python backend (benchmarks/triton_backend.py)
+and nvidia-pytriton (benchmarks/triton_model.py). Concurrency 1, 8, 32, single-image requests; the servers are
+measured level by level, back to back. Goal (issue 8): imgcls matches Triton's throughput at equal or lower
+p99 at every concurrency. Triton and perf_analyzer live in .venv-peers (`make peers-env`), never in the
+project's venv.
 
     python benchmarks/bench_peers.py --model-repository runs/repo --model flowers \\
         --images ~/.keras/datasets/flower_photos --duration 10 --json runs/bench_peers.json
@@ -45,7 +47,9 @@ from imgcls.service.server import ServeConfig
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEERS = Path(os.environ.get("IMGCLS_PEERS_VENV", ROOT / ".venv-peers"))
 SERVE_DEFAULTS = ServeConfig(model_repository=ROOT)
-IMGCLS, TRITON = "imgcls", "Triton 2.51 (pytriton 0.7.0)"
+IMGCLS = "imgcls"
+# The Triton variants: label -> launcher script (in benchmarks/, run with .venv-peers' Python).
+TRITONS = {"Triton 2.51 (Python backend)": "triton_backend.py", "Triton 2.51 (pytriton 0.7.0)": "triton_model.py"}
 PERF_ANALYZER = "perf_analyzer 2.51"
 
 
@@ -84,12 +88,13 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """benchmarks/triton_model.py in .venv-peers, in its own process group so that nothing it spawns
-    (tritonserver, the Python backend stubs) outlives the benchmark."""
+    """A Triton launcher (benchmarks/triton_backend.py or triton_model.py) in .venv-peers, in its own process
+    group so that nothing it spawns (tritonserver, the Python backend stubs) outlives the benchmark."""
 
-    def __init__(self, peers: Peers, repo: Path, model: str, instances: int) -> None:
+    def __init__(self, peers: Peers, repo: Path, model: str, instances: int,
+                 script: str = "triton_backend.py") -> None:
         self.grpc_port = free_port()
-        cmd = [str(peers.python), str(ROOT / "benchmarks" / "triton_model.py"), "--model-repository", str(repo),
+        cmd = [str(peers.python), str(ROOT / "benchmarks" / script), "--model-repository", str(repo),
                "--model", model, "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()),
                "--metrics-port", str(free_port()), "--threads", str(SERVE_DEFAULTS.inference_threads),
                "--decode-workers", str(SERVE_DEFAULTS.decode_workers), "--instances", str(instances),
@@ -119,7 +124,7 @@ class TritonServer:
         raise RuntimeError("Triton did not start:\n" + "".join(self.log[-40:]))
 
     def stop(self) -> None:
-        """SIGTERM to triton_model.py, which stops tritonserver and removes pytriton's workspace; then SIGKILL to
+        """SIGTERM to the launcher, which stops tritonserver and removes its temporary files; then SIGKILL to
         whatever of the process group is left."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -232,25 +237,30 @@ def measure_level(peers: Peers, endpoints: list[Endpoint], predict_target: str, 
 
 def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
                   workdir: Path) -> tuple[list[dict], list[str]]:
-    """`imgcls serve` (its defaults, ONNX runtime) and Triton up side by side (idle, each uses no CPU), measured
-    level by level; both are stopped whatever happens."""
-    imgcls = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
-                                   f"{entry.name}=onnx"])
-    triton = TritonServer(peers, args.model_repository, entry.name, args.triton_instances)
+    """`imgcls serve` (its defaults, ONNX runtime) and both Triton variants up side by side (idle, none uses CPU),
+    measured level by level; all are stopped whatever happens."""
+    servers: list = []
     try:
+        imgcls = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
+                                       f"{entry.name}=onnx"])
+        servers.append(imgcls)
+        tritons = {}
+        for label, script in TRITONS.items():
+            tritons[label] = TritonServer(peers, args.model_repository, entry.name, args.triton_instances, script)
+            servers.append(tritons[label])
         target = f"127.0.0.1:{imgcls.wait_ports()[0]}"
-        triton_url = triton.wait_ready()
         warm = max(concurrency)
-        endpoints = [prepare_endpoint(peers, IMGCLS, target, entry.name, data, warm, workdir),
-                     prepare_endpoint(peers, TRITON, triton_url, entry.name, data, warm, workdir)]
-        if endpoints[1].input_json is None:
-            raise RuntimeError(endpoints[1].note)
+        endpoints = [prepare_endpoint(peers, IMGCLS, target, entry.name, data, warm, workdir)]
+        for label, triton in tritons.items():
+            endpoints.append(prepare_endpoint(peers, label, triton.wait_ready(), entry.name, data, warm, workdir))
+            if endpoints[-1].input_json is None:
+                raise RuntimeError(endpoints[-1].note)
         rows = [r for c in concurrency
                 for r in measure_level(peers, endpoints, target, entry.name, data, c, args, workdir)]
         return rows, [ep.note for ep in endpoints if ep.note]
     finally:
-        triton.stop()
-        imgcls.stop()
+        for server in reversed(servers):
+            server.stop()
 
 
 def bench_ceiling(entry, data: list[bytes], concurrency: list[int], duration: float) -> list[dict]:
@@ -287,18 +297,20 @@ def markdown(rows: list[dict]) -> str:
 
 
 def goal(rows: list[dict], concurrency: list[int]) -> list[dict]:
-    """Per concurrency, imgcls's KServe endpoint against Triton, both driven by perf_analyzer."""
+    """Per concurrency and Triton variant, imgcls's KServe endpoint against Triton, both driven by perf_analyzer."""
     def pick(server: str, c: int) -> dict | None:
         return next((r for r in rows if r["server"] == server and r["client"] == PERF_ANALYZER
                      and r["concurrency"] == c), None)
 
     out = []
     for c in concurrency:
-        mine, theirs = pick(IMGCLS, c), pick(TRITON, c)
-        if mine and theirs:
-            out.append({"concurrency": c, "throughput_ratio": mine["images_per_s"] / theirs["images_per_s"],
-                        "p99_diff_ms": mine["p99_ms"] - theirs["p99_ms"],
-                        "met": mine["images_per_s"] >= theirs["images_per_s"] and mine["p99_ms"] <= theirs["p99_ms"]})
+        for triton in TRITONS:
+            mine, theirs = pick(IMGCLS, c), pick(triton, c)
+            if mine and theirs:
+                ratio = mine["images_per_s"] / theirs["images_per_s"]
+                out.append({"concurrency": c, "triton": triton, "throughput_ratio": ratio,
+                            "p99_diff_ms": mine["p99_ms"] - theirs["p99_ms"],
+                            "met": ratio >= 1 and mine["p99_ms"] <= theirs["p99_ms"]})
     return out
 
 
@@ -348,18 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         rows = bench_ceiling(entry, data, concurrency, args.duration / 2)
         served, notes = bench_servers(peers, entry, data, concurrency, args, Path(tmp))
-    rows += sorted(served, key=lambda r: (r["server"] != IMGCLS, r["client"] != "bench_service.py (Python)"))
+    rows += sorted(served, key=lambda r: (r["server"] != IMGCLS, r["client"] != "bench_service.py (Python)",
+                                         r["server"]))
     meta["load_after"] = os.getloadavg()
     summary = goal(rows, concurrency)
 
     m = meta["machine"]
     print(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, GPU: {m['gpu']}; load average "
           f"{m['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.\n")
-    print(markdown(rows))
+    print(markdown(rows) + "\n")
     for g in summary:
-        print(f"\nconcurrency {g['concurrency']}: imgcls/Triton throughput {g['throughput_ratio']:.2f}x, p99 "
-              f"{g['p99_diff_ms']:+.1f} ms: goal {'met' if g['met'] else 'NOT met'}", end="")
-    print()
+        print(f"concurrency {g['concurrency']} vs {g['triton']}: imgcls throughput {g['throughput_ratio']:.2f}x, "
+              f"p99 {g['p99_diff_ms']:+.1f} ms: goal {'met' if g['met'] else 'NOT met'}")
+    if summary:
+        print(f"Goal (imgcls >= Triton throughput at <= p99, every concurrency, both variants): "
+              f"{'met' if all(g['met'] for g in summary) else 'NOT met'}.")
     for note in notes:
         print(f"note: {note}")
     if args.json:

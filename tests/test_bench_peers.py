@@ -52,8 +52,9 @@ def peers_or_skip():
 
 
 @pytest.mark.slow
-def test_triton_peer_does_the_same_job(service_repo, tmp_path):
-    """Triton's model (benchmarks/triton_model.py) answers encoded images with exactly imgcls's probabilities:
+@pytest.mark.parametrize("script", ["triton_backend.py", "triton_model.py"])
+def test_triton_peer_does_the_same_job(service_repo, tmp_path, script):
+    """Both Triton variants (Python backend, pytriton) answer encoded images with exactly imgcls's probabilities:
     same decode, preprocessing and ONNX file, so the benchmark compares servers, not models."""
     peers = peers_or_skip()
     paths = []
@@ -63,7 +64,7 @@ def test_triton_peer_does_the_same_job(service_repo, tmp_path):
     entry = next(e for e in repository.scan(service_repo) if e.name == "tiny")
     runtime = runtimes.load_runtime(entry.folder, runtimes.choose_artifact(entry.manifest, "onnx"), 1)
     expected = runtime.run(np.stack([preprocess_bytes(p.read_bytes(), entry.manifest.preprocessing) for p in paths]))
-    triton = bench_peers_module().TritonServer(peers, service_repo, "tiny", 1)
+    triton = bench_peers_module().TritonServer(peers, service_repo, "tiny", 1, script)
     try:
         url = triton.wait_ready()
         out = subprocess.run([str(peers.python), "-c", _INFER, url, "tiny", *map(str, paths)], capture_output=True,
@@ -88,9 +89,10 @@ def test_bench_peers_smoke(service_repo, tmp_path):
     assert result["notes"] == [], result["notes"]
     measured = {(r["server"], r["client"], r["concurrency"]) for r in result["rows"] if r["images_per_s"] > 0}
     for server, client in [("imgcls", "bench_service.py (Python)"), ("imgcls", "perf_analyzer 2.51"),
+                           ("Triton 2.51 (Python backend)", "perf_analyzer 2.51"),
                            ("Triton 2.51 (pytriton 0.7.0)", "perf_analyzer 2.51")]:
         for c in (1, 4):
             assert (server, client, c) in measured, (server, client, c, out.stdout)
     assert sum(r["server"] == "in-process ceiling" for r in result["rows"]) == 2  # 1 at a time, batch 4
-    assert [g["concurrency"] for g in result["goal"]] == [1, 4]
+    assert [g["concurrency"] for g in result["goal"]] == [1, 1, 4, 4]
     assert "| Triton 2.51 (pytriton 0.7.0) | KServe v2 gRPC | perf_analyzer 2.51 | 4" in out.stdout
