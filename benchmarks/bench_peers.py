@@ -42,6 +42,7 @@ import bench_service  # the sibling script: its in-process and Predict measureme
 
 from imgcls.preprocessing import IMAGE_EXTENSIONS
 from imgcls.service import repository, runtimes
+from imgcls.service.client import Client
 from imgcls.service.server import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +250,8 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
             tritons[label] = TritonServer(peers, args.model_repository, entry.name, args.triton_instances, script)
             servers.append(tritons[label])
         target = f"127.0.0.1:{imgcls.wait_ports()[0]}"
+        with Client(target, timeout=30) as client:
+            client.wait_until_serving(180)  # the ports open before the models are loaded
         warm = max(concurrency)
         endpoints = [prepare_endpoint(peers, IMGCLS, target, entry.name, data, warm, workdir)]
         for label, triton in tritons.items():
