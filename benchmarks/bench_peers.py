@@ -243,7 +243,7 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
     servers: list = []
     try:
         imgcls = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
-                                       f"{entry.name}=onnx"])
+                                       f"{entry.name}=onnx", *args.imgcls_arg])
         servers.append(imgcls)
         tritons = {}
         for label, script in TRITONS.items():
@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability", type=float, default=10.0,
                         help="perf_analyzer --stability-percentage (re-run unstable levels accepting any spread)")
     parser.add_argument("--triton-instances", type=int, default=1, help="Triton model instances")
+    parser.add_argument("--imgcls-arg", action="append", default=[],
+                        help="extra `imgcls serve` flag, e.g. --imgcls-arg=--decode-workers=1 (repeat)")
     parser.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     meta = {"model": entry.name, "version": entry.version, "backbone": entry.manifest.backbone, "runtime": "onnx",
             "images": len(data), "duration_s": args.duration, "triton_instances": args.triton_instances,
+            "imgcls_args": args.imgcls_arg,
             "machine": machine()}
     print(f"# {entry.name} v{entry.version} ({entry.manifest.backbone}, onnx), {len(data)} images, machine "
           f"{meta['machine']}", file=sys.stderr)
