@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,15 +185,52 @@ def perf_analyzer(peers: Peers, url: str, model: str, input_json: Path, concurre
             with csv_path.open() as f:
                 rec = next(csv.DictReader(f))
             return {"images_per_s": float(rec["Inferences/Second"]), "p50_ms": float(rec["p50 latency"]) / 1000,
-                    "p99_ms": float(rec["p99 latency"]) / 1000, "stable": stable}
+                    "p99_ms": float(rec["p99 latency"]) / 1000, "stable": stable,
+                    "server_batch": server_batch(out.stdout)}
     raise RuntimeError(f"perf_analyzer failed against {url} at concurrency {concurrency}:\n"
                        f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+
+
+def server_batch(report: str) -> float | None:
+    """Mean batch the server ran, from the statistics perf_analyzer reads (inferences / executions)."""
+    inferences = re.search(r"Inference count: (\d+)", report)
+    executions = re.search(r"Execution count: (\d+)", report)
+    if not (inferences and executions) or int(executions[1]) == 0:
+        return None
+    return int(inferences[1]) / int(executions[1])
+
+
+def batch_totals(metrics_url: str) -> tuple[float, float]:
+    """imgcls's `imgcls_batch_size` histogram (sum, count) over all models, from its Prometheus endpoint."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    total = {"sum": 0.0, "count": 0.0}
+    for kind in total:
+        for m in re.finditer(rf"^imgcls_batch_size_{kind}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+            total[kind] += float(m[1])
+    return total["sum"], total["count"]
+
+
+class BatchMeter:
+    """Mean batch imgcls formed while a block ran (the Prometheus histogram's delta)."""
+
+    def __init__(self, metrics_url: str | None) -> None:
+        self.url, self.mean = metrics_url, None
+
+    def __enter__(self) -> BatchMeter:
+        self.start = batch_totals(self.url) if self.url else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start and not exc[0]:
+            end = batch_totals(self.url)
+            count = end[1] - self.start[1]
+            self.mean = (end[0] - self.start[0]) / count if count else None
 
 
 def result(server: str, protocol: str, client: str, concurrency: int | str, m: dict) -> dict:
     return {"server": server, "protocol": protocol, "client": client, "concurrency": concurrency,
             "images_per_s": m["images_per_s"], "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"],
-            "stable": m.get("stable", True)}
+            "stable": m.get("stable", True), "server_batch": m.get("server_batch")}
 
 
 @dataclass
@@ -219,18 +258,24 @@ def prepare_endpoint(peers: Peers, server: str, url: str, model: str, data: list
     return endpoint
 
 
-def measure_level(peers: Peers, endpoints: list[Endpoint], predict_target: str, model: str, data: list[bytes],
+def measure_level(peers: Peers, endpoints: list[Endpoint], imgcls: tuple[str, str], model: str, data: list[bytes],
                   c: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
     """One concurrency level on every server back to back, so a change in the machine's load between levels
     hits all of them alike: each KServe endpoint with perf_analyzer, then imgcls Predict with the Python client."""
+    target, metrics_url = imgcls
     rows = []
     for ep in endpoints:
         if ep.input_json is None:
             continue
-        m = perf_analyzer(peers, ep.url, model, ep.input_json, c, args.duration, args.stability, workdir)
+        with BatchMeter(metrics_url if ep.server == IMGCLS else None) as meter:
+            m = perf_analyzer(peers, ep.url, model, ep.input_json, c, args.duration, args.stability, workdir)
+        if meter.url:  # imgcls reports no per-execution statistics to perf_analyzer; its histogram does
+            m["server_batch"] = meter.mean
         rows.append(result(ep.server, "KServe v2 gRPC", PERF_ANALYZER, c, m))
         print(f"# {ep.server} via {PERF_ANALYZER}, {c}: {m['images_per_s']:.1f} img/s", file=sys.stderr)
-    (r,) = bench_service.bench_server(predict_target, model, data, [c], args.duration)
+    with BatchMeter(metrics_url) as meter:
+        (r,) = bench_service.bench_server(target, model, data, [c], args.duration)
+    r["server_batch"] = meter.mean
     rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r))
     print(f"# {IMGCLS} Predict, {c}: {r['images_per_s']:.1f} img/s", file=sys.stderr)
     return rows
@@ -249,7 +294,8 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
         for label, script in TRITONS.items():
             tritons[label] = TritonServer(peers, args.model_repository, entry.name, args.triton_instances, script)
             servers.append(tritons[label])
-        target = f"127.0.0.1:{imgcls.wait_ports()[0]}"
+        port, metrics_port = imgcls.wait_ports()
+        target, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
         with Client(target, timeout=30) as client:
             client.wait_until_serving(180)  # the ports open before the models are loaded
         warm = max(concurrency)
@@ -259,7 +305,7 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
             if endpoints[-1].input_json is None:
                 raise RuntimeError(endpoints[-1].note)
         rows = [r for c in concurrency
-                for r in measure_level(peers, endpoints, target, entry.name, data, c, args, workdir)]
+                for r in measure_level(peers, endpoints, (target, metrics_url), entry.name, data, c, args, workdir)]
         return rows, [ep.note for ep in endpoints if ep.note]
     finally:
         for server in reversed(servers):
@@ -290,12 +336,13 @@ def machine() -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| server | protocol | client | concurrency | img/s | p50 ms | p99 ms |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = ["| server | protocol | client | concurrency | img/s | p50 ms | p99 ms | mean batch |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         flag = " (unstable)" if not r["stable"] else ""
+        batch = f"{r['server_batch']:.1f}" if r["server_batch"] else "-"
         lines.append(f"| {r['server']} | {r['protocol']} | {r['client']} | {r['concurrency']}{flag} | "
-                     f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+                     f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {batch} |")
     return "\n".join(lines)
 
 
