@@ -112,7 +112,7 @@ class TritonServer:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line)
-            if line.startswith("triton ready:"):
+            if "triton ready:" in line:  # tritonserver writes to the same pipe: the line may start mid-log
                 self.ready.put(True)
 
     def wait_ready(self, timeout: float = 180) -> str:
