@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 SERVICE_NAMES = (SERVICE,)
 # Triton's extension names; not "model_repository", whose load/unload methods imgcls does not have
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", "statistics")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "savedmodel": "tensorflow_savedmodel"}  # Triton's names; tflite*: below
 
 
@@ -148,6 +148,29 @@ class Service:
                                         reason=failed[name][version])
         return response
 
+    def ModelStatistics(self, request, context):
+        """Triton's statistics extension: cumulative totals per served version since it loaded (a version
+        that hot reload replaced takes its totals with it). Empty name = every model, empty version = all."""
+        with self.s.track("ModelStatistics"):
+            try:
+                self.s.check_accepting()
+                if request.name:
+                    if request.version:
+                        models = [self._resolve(request.name, request.version)]
+                    else:
+                        self._resolve(request.name, "")  # NOT_FOUND naming what is served
+                        models = list(self.s.models.get(request.name, {}).values())
+                elif request.version:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a version needs a model name")
+                else:
+                    models = [m for name in sorted(self.s.models) for m in self.s.models[name].values()]
+            except RequestError as exc:
+                context.abort(exc.code, exc.message)
+            response = protocols.message("inference.ModelStatisticsResponse")()
+            for model in sorted(models, key=lambda m: (m.entry.name, m.entry.version)):
+                _fill_statistics(response.model_stats.add(), model)
+            return response
+
     # --- inference ------------------------------------------------------------------------------------------
 
     def ModelInfer(self, request, context):
@@ -222,9 +245,21 @@ class Service:
         return response
 
     def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
-        name, version = model.labels if model else ("", "")
-        self.s.metrics.requests.labels(method, name, version, code.name).inc()
-        self.s.metrics.request_latency.labels(method, name).observe(time.monotonic() - start)
+        self.s.record(method, model, code, start)
+
+
+def _fill_statistics(out, model: LoadedModel) -> None:
+    stats = model.stats.snapshot()
+    out.name, out.version = model.labels
+    out.last_inference, out.inference_count, out.execution_count = (
+        stats.last_inference_ms, stats.inference_count, stats.execution_count)
+    infer = out.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer"):
+        duration = getattr(stats, name)
+        getattr(infer, name).count, getattr(infer, name).ns = duration.count, duration.ns
+    for size in sorted(stats.batches):
+        batch = out.batch_stats.add(batch_size=size)
+        batch.compute_infer.count, batch.compute_infer.ns = stats.batches[size].count, stats.batches[size].ns
 
 
 _END = object()
@@ -335,7 +370,7 @@ def handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]:
     service = Service(server)
     methods = {}
     for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                 "ModelConfig", "RepositoryIndex"):
+                 "ModelConfig", "ModelStatistics", "RepositoryIndex"):
         request_cls, response_cls = protocols.method_types(SERVICE, name)
         methods[name] = grpc.unary_unary_rpc_method_handler(
             getattr(service, name), request_deserializer=request_cls.FromString,

@@ -42,6 +42,7 @@ from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Preproce
 from imgcls.service import lifecycle, repository, runtimes
 from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from imgcls.service.metrics import Metrics
+from imgcls.service.statistics import ModelStats
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 
@@ -111,6 +112,7 @@ class LoadedModel:
     entry: repository.Entry
     runtime: str
     batcher: Batcher
+    stats: ModelStats = field(default_factory=ModelStats, compare=False)  # Triton's ModelStatistics
 
     @property
     def spec(self) -> PreprocessingSpec:
@@ -392,17 +394,18 @@ class InferenceServer:
                                   f"({n}, {entry.manifest.num_classes}) from the manifest's class_names")
         lifecycle.probe(runtime, entry, artifact)
         name, version = entry.name, str(entry.version)
+        stats = ModelStats()
         batcher = Batcher(
             runtime.run, max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
             max_queue_size=cfg.max_queue_size, name=f"{name}-v{version}",
-            on_batch=self._batch_observer(name, fmt), on_depth=m.queue_depth.labels(name).set,
+            on_batch=self._batch_observer(name, fmt, stats), on_depth=m.queue_depth.labels(name).set,
         )
         batcher.start()
         seconds = time.monotonic() - start
         m.model_load_seconds.labels(name, version, fmt).set(seconds)
         m.model_loaded.labels(name, version, entry.manifest.backbone, fmt).set(1)
         log.info("loaded %s v%s (%s, %s) in %.2fs", name, version, entry.manifest.backbone, fmt, seconds)
-        return LoadedModel(entry, fmt, batcher)
+        return LoadedModel(entry, fmt, batcher, stats)
 
     def _retire(self, model: LoadedModel, epoch: int) -> None:
         """Unload a version once no call that could have resolved it is left: wait for the calls that
@@ -422,12 +425,13 @@ class InferenceServer:
             self._retiring.remove(model)
         log.info("unloaded %s v%s", name, version)
 
-    def _batch_observer(self, model: str, fmt: str) -> Callable[[int, list[float], float], None]:
+    def _batch_observer(self, model: str, fmt: str, stats: ModelStats) -> Callable[[int, list[float], float], None]:
         batch_size = self.metrics.batch_size.labels(model)
         wait = self.metrics.queue_wait.labels(model)
         infer = self.metrics.inference_latency.labels(model, fmt)
 
         def observe(size: int, waits: list[float], seconds: float) -> None:
+            stats.batch(size, waits, seconds)
             batch_size.observe(size)
             infer.observe(seconds)
             for w in waits:
@@ -620,6 +624,15 @@ class InferenceServer:
             model.batcher.cancel(job)
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
+    def record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
+        """Count a finished call of any protocol: Prometheus, and the version's statistics."""
+        name, version = model.labels if model else ("", "")
+        seconds = time.monotonic() - start
+        self.metrics.requests.labels(method, name, version, code.name).inc()
+        self.metrics.request_latency.labels(method, name).observe(seconds)
+        if model is not None:
+            model.stats.request(code == grpc.StatusCode.OK, seconds)
+
     @staticmethod
     def first_error(job: Job) -> RequestError | None:
         """For protocols with no per-image status: the first failed image fails the whole request."""
@@ -645,7 +658,9 @@ class InferenceServer:
             log.warning("preprocessing raised %s: %s", type(exc).__name__, exc)
             model.batcher.fail(job, index, ImageDecodeError(f"could not decode the image ({type(exc).__name__})"))
             return
-        self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)
+        seconds = time.monotonic() - start
+        self.metrics.preprocess_latency.labels(model.entry.name).observe(seconds)
+        model.stats.preprocessed(seconds)
         model.batcher.put(job, index, x)
 
     def response(self, model: LoadedModel, job: Job, top_k: int, request_id: str) -> pb.PredictResponse:
@@ -710,10 +725,7 @@ class Servicer(pb_grpc.InferenceServicer):
         return top_k
 
     def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
-        name, version = model.labels if model else ("", "")
-        m = self.s.metrics
-        m.requests.labels(method, name, version, code.name).inc()
-        m.request_latency.labels(method, name).observe(time.monotonic() - start)
+        self.s.record(method, model, code, start)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         start, model, code = time.monotonic(), None, grpc.StatusCode.OK

@@ -99,6 +99,8 @@ class TFServing:
                 name, version = call.model.labels if call.model else ("", "")
                 self.s.metrics.requests.labels(label, name, version, code.name).inc()
                 self.s.metrics.request_latency.labels(label, name).observe(time.monotonic() - start)
+                if call.model is not None and method in ("Predict", "Classify"):  # inference calls only
+                    call.model.stats.request(code == grpc.StatusCode.OK, time.monotonic() - start)
 
     def _model_name(self, spec) -> str:
         if spec.name:

@@ -10,7 +10,16 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from service_fixtures import TINY_CLASSES, GatedRuntime, Reference, metric, running_server, sample_image, scrape
+from service_fixtures import (
+    TINY_CLASSES,
+    GatedRuntime,
+    Reference,
+    client_for,
+    metric,
+    running_server,
+    sample_image,
+    scrape,
+)
 from tritonclient.utils import InferenceServerException
 
 from imgcls.service import protocols
@@ -330,6 +339,38 @@ def test_a_version_that_failed_to_load_is_reported(service_repo, tmp_path):
             assert {(m.name, m.version) for m in ready.models} == {("tiny", "2"), ("other", "1")}
             with pytest.raises(InferenceServerException, match="version 1 failed to load"):
                 client.get_model_metadata("tiny", "1")
+        finally:
+            client.close()
+
+
+def test_model_statistics_count_what_was_served(service_repo):
+    """Triton's statistics extension, read with tritonclient (perf_analyzer reads the same): a fresh server,
+    known traffic over two protocols, totals that add up."""
+    with running_server(service_repo, max_queue_delay_ms=20) as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        try:
+            assert "statistics" in client.get_server_metadata().extensions
+            assert client.get_inference_statistics("tiny").model_stats[0].inference_count == 0
+            client.infer("tiny", [_images_input(IMAGES[:1])])
+            client.infer("tiny", [_images_input(IMAGES[1:3])])
+            with pytest.raises(InferenceServerException):
+                client.infer("tiny", [_images_input([b"not an image"])])
+            client_for(server).predict([IMAGES[3]], model="tiny")  # imgcls.v1 Predict counts too
+            stats = client.get_inference_statistics("tiny").model_stats
+            assert [(m.name, m.version) for m in stats] == [("tiny", "2")]
+            tiny = stats[0]
+            infer = tiny.inference_stats
+            assert (infer.success.count, infer.fail.count) == (3, 1)
+            assert tiny.inference_count == 4 and infer.queue.count == 4 and infer.compute_input.count == 4
+            assert 1 <= tiny.execution_count <= 4 and infer.compute_infer.count == tiny.execution_count
+            assert sum(b.compute_infer.count for b in tiny.batch_stats) == tiny.execution_count
+            assert sum(b.batch_size * b.compute_infer.count for b in tiny.batch_stats) == 4
+            assert infer.success.ns > infer.compute_infer.ns > 0 and tiny.last_inference > 0
+            everything = client.get_inference_statistics().model_stats
+            assert {(m.name, m.version) for m in everything} == {("tiny", "2"), ("other", "1")}
+            assert next(m for m in everything if m.name == "other").inference_count == 0
+            with pytest.raises(InferenceServerException, match="no model 'nope'"):
+                client.get_inference_statistics("nope")
         finally:
             client.close()
 
