@@ -281,6 +281,18 @@ def measure_level(peers: Peers, endpoints: list[Endpoint], imgcls: tuple[str, st
     return rows
 
 
+def stop_all(servers: list) -> None:
+    """Stop every server even if another Ctrl-C or SIGTERM arrives meanwhile (it would abort the loop and
+    leave the rest running); the signals are back to interrupting once all are down."""
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for server in reversed(servers):
+            server.stop()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int], args: argparse.Namespace,
                   workdir: Path) -> tuple[list[dict], list[str]]:
     """`imgcls serve` (its defaults, ONNX runtime) and both Triton variants up side by side (idle, none uses CPU),
@@ -308,8 +320,7 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
                 for r in measure_level(peers, endpoints, (target, metrics_url), entry.name, data, c, args, workdir)]
         return rows, [ep.note for ep in endpoints if ep.note]
     finally:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(servers)
 
 
 def bench_ceiling(entry, data: list[bytes], concurrency: list[int], duration: float) -> list[dict]:
@@ -370,7 +381,14 @@ def load_images(folder: Path, limit: int) -> list[bytes]:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the servers through the same `finally` blocks as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM stops the servers through the same `finally` blocks as Ctrl-C; SIGINT is installed explicitly
+    because a process started in the background of a non-interactive shell inherits it ignored."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()
 
     entry = next((e for e in repository.scan(args.model_repository) if e.name == args.model), None)
     if entry is None:
