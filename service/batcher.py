@@ -54,6 +54,11 @@ class Job:
     done: threading.Event = field(init=False, default_factory=threading.Event)
     cancelled: bool = field(init=False, default=False)
     reserved: int = field(init=False)  # slots still counted in the batcher's queue (guarded by its lock)
+    # Where the request's time went, for per-request statistics (Triton's ModelStatistics):
+    input_s: float = field(init=False, default=0.0)  # decode + preprocess, summed over its images
+    queue_s: float = field(init=False, default=0.0)  # longest wait of its images, summed over its batches
+    infer_s: float = field(init=False, default=0.0)  # the batches it was part of (each counted once)
+    done_at: float = field(init=False, default=0.0)  # time.monotonic() when the last image finished
     _remaining: int = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
@@ -65,6 +70,10 @@ class Job:
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
+    def add_input(self, seconds: float) -> None:
+        with self._lock:
+            self.input_s += seconds
+
     def set(self, index: int, value: Any) -> None:
         """Record image `index`'s outcome (the first one wins); the last one completes the job."""
         with self._lock:
@@ -74,6 +83,7 @@ class Job:
             self._remaining -= 1
             finished = self._remaining == 0
         if finished:
+            self.done_at = time.monotonic()
             self.done.set()
             if self.on_done is not None:
                 self.on_done(self)
@@ -243,5 +253,11 @@ class Batcher:
                 self._on_batch(len(live), [start - item.enqueued for item in live], seconds)
             except Exception:
                 log.exception("batch observer failed")
+            waits: dict[Job, float] = {}
+            for item in live:
+                waits[item.job] = max(waits.get(item.job, 0.0), start - item.enqueued)
+            for job, wait in waits.items():  # before set(): the last image completes the job
+                job.queue_s += wait  # only this thread writes these two
+                job.infer_s += seconds
             for k, item in enumerate(live):
                 item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])

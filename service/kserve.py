@@ -174,7 +174,7 @@ class Service:
     # --- inference ------------------------------------------------------------------------------------------
 
     def ModelInfer(self, request, context):
-        start, model, code = time.monotonic(), None, grpc.StatusCode.OK
+        start, model, code, call = time.monotonic(), None, grpc.StatusCode.OK, None
         with self.s.track("ModelInfer"):
             try:
                 self.s.check_accepting()
@@ -191,7 +191,7 @@ class Service:
                 code = grpc.StatusCode.INTERNAL
                 context.abort(code, "internal error (see the server log)")
             finally:
-                self._record("ModelInfer", model, code, start)
+                self._record("ModelInfer", model, code, start, call.job if call else None)
 
     def ModelStreamInfer(self, requests, context) -> Iterator:
         with self.s.track("ModelStreamInfer", pin_models=False):  # pinned per request in _Stream._admit
@@ -244,8 +244,9 @@ class Service:
                        list(call.model.entry.manifest.class_names))
         return response
 
-    def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
-        self.s.record(method, model, code, start)
+    def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float,
+                job: Job | None = None) -> None:
+        self.s.record(method, model, code, start, job)
 
 
 def _fill_statistics(out, model: LoadedModel) -> None:
@@ -254,12 +255,14 @@ def _fill_statistics(out, model: LoadedModel) -> None:
     out.last_inference, out.inference_count, out.execution_count = (
         stats.last_inference_ms, stats.inference_count, stats.execution_count)
     infer = out.inference_stats
-    for name in ("success", "fail", "queue", "compute_input", "compute_infer"):
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
         duration = getattr(stats, name)
         getattr(infer, name).count, getattr(infer, name).ns = duration.count, duration.ns
     for size in sorted(stats.batches):
         batch = out.batch_stats.add(batch_size=size)
         batch.compute_infer.count, batch.compute_infer.ns = stats.batches[size].count, stats.batches[size].ns
+        # Decode happens per image before batching and responses per request after it: no batch-level time.
+        batch.compute_input.count = batch.compute_output.count = stats.batches[size].count
 
 
 _END = object()
@@ -300,7 +303,7 @@ class _Stream:
                 self.calls.pop(id(item.job), None)
             try:
                 response = self.service._answer(item)
-                self.service._record("ModelStreamInfer", item.model, grpc.StatusCode.OK, item.start)
+                self.service._record("ModelStreamInfer", item.model, grpc.StatusCode.OK, item.start, item.job)
                 return self.stream_response(infer_response=response)
             except RequestError as exc:
                 request, start, model, error = item.request, item.start, item.model, exc

@@ -431,7 +431,7 @@ class InferenceServer:
         infer = self.metrics.inference_latency.labels(model, fmt)
 
         def observe(size: int, waits: list[float], seconds: float) -> None:
-            stats.batch(size, waits, seconds)
+            stats.batch(size, seconds)
             batch_size.observe(size)
             infer.observe(seconds)
             for w in waits:
@@ -624,14 +624,16 @@ class InferenceServer:
             model.batcher.cancel(job)
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
-    def record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
-        """Count a finished call of any protocol: Prometheus, and the version's statistics."""
+    def record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float,
+               job: Job | None = None) -> None:
+        """Count a finished call of any protocol: Prometheus, and the version's statistics (`job`, when the
+        call got that far, splits a successful call's time into queue and compute)."""
         name, version = model.labels if model else ("", "")
         seconds = time.monotonic() - start
         self.metrics.requests.labels(method, name, version, code.name).inc()
         self.metrics.request_latency.labels(method, name).observe(seconds)
         if model is not None:
-            model.stats.request(code == grpc.StatusCode.OK, seconds)
+            model.stats.request(code == grpc.StatusCode.OK, seconds, job)
 
     @staticmethod
     def first_error(job: Job) -> RequestError | None:
@@ -660,7 +662,7 @@ class InferenceServer:
             return
         seconds = time.monotonic() - start
         self.metrics.preprocess_latency.labels(model.entry.name).observe(seconds)
-        model.stats.preprocessed(seconds)
+        job.add_input(seconds)
         model.batcher.put(job, index, x)
 
     def response(self, model: LoadedModel, job: Job, top_k: int, request_id: str) -> pb.PredictResponse:
@@ -724,11 +726,12 @@ class Servicer(pb_grpc.InferenceServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 1, got {top_k}")
         return top_k
 
-    def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float) -> None:
-        self.s.record(method, model, code, start)
+    def _record(self, method: str, model: LoadedModel | None, code: grpc.StatusCode, start: float,
+                job: Job | None = None) -> None:
+        self.s.record(method, model, code, start, job)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        start, model, code = time.monotonic(), None, grpc.StatusCode.OK
+        start, model, code, job = time.monotonic(), None, grpc.StatusCode.OK, None
         with self.s.track("Predict"):
             try:
                 self.s.check_accepting()
@@ -746,7 +749,7 @@ class Servicer(pb_grpc.InferenceServicer):
                 code = grpc.StatusCode.INTERNAL
                 context.abort(code, "internal error (see the server log)")
             finally:
-                self._record("Predict", model, code, start)
+                self._record("Predict", model, code, start, job)
 
     def PredictStream(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.PredictResponse]:
         with self.s.track("PredictStream", pin_models=False):  # pinned per message in _Stream._admit
@@ -839,7 +842,7 @@ class _Stream:
                 self.jobs.pop(id(job), None)
             try:
                 response = self.s.response(model, job, top_k, request.request_id)
-                self.servicer._record("PredictStream", model, grpc.StatusCode.OK, start)
+                self.servicer._record("PredictStream", model, grpc.StatusCode.OK, start, job)
                 return response
             except RequestError as exc:
                 error = exc

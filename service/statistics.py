@@ -11,6 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from imgcls.service.batcher import Job
+
 
 @dataclass
 class Duration:
@@ -24,34 +26,43 @@ class Duration:
 
 @dataclass
 class ModelStats:
-    """Cumulative totals, updated from the request, decode and batcher threads under one lock."""
+    """Cumulative totals, updated from the request and batcher threads under one lock.
+
+    As in Triton, success, queue and the three compute durations count successful requests (perf_analyzer
+    refuses statistics whose compute counts differ) and add each request's own time; execution_count and
+    batch_stats count batches.
+    """
 
     success: Duration = field(default_factory=Duration)  # requests, whole time in the server
     fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)  # per image
-    compute_input: Duration = field(default_factory=Duration)  # per image: decode + preprocess
-    compute_infer: Duration = field(default_factory=Duration)  # per batch
+    queue: Duration = field(default_factory=Duration)  # waiting in the batcher's queue
+    compute_input: Duration = field(default_factory=Duration)  # decode + preprocess
+    compute_infer: Duration = field(default_factory=Duration)  # the batches the request was part of
+    compute_output: Duration = field(default_factory=Duration)  # from the last result to the response
     inference_count: int = 0  # images through the model
     execution_count: int = 0  # batches
     last_inference_ms: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> compute_infer
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def request(self, ok: bool, seconds: float) -> None:
+    def request(self, ok: bool, seconds: float, job: Job | None = None) -> None:
+        """A finished inference call; `job` (absent when it failed before admission) splits its time."""
         with self.lock:
-            (self.success if ok else self.fail).add(seconds)
+            if not ok:
+                self.fail.add(seconds)
+                return
+            self.success.add(seconds)
+            finished = job is not None and job.done_at > 0
+            self.queue.add(job.queue_s if finished else 0.0)
+            self.compute_input.add(job.input_s if finished else 0.0)
+            self.compute_infer.add(job.infer_s if finished else 0.0)
+            self.compute_output.add(max(0.0, time.monotonic() - job.done_at) if finished else 0.0)
 
-    def preprocessed(self, seconds: float) -> None:
-        with self.lock:
-            self.compute_input.add(seconds)
-
-    def batch(self, size: int, waits: list[float], seconds: float) -> None:
+    def batch(self, size: int, seconds: float) -> None:
         with self.lock:
             self.inference_count += size
             self.execution_count += 1
             self.last_inference_ms = int(time.time() * 1000)
-            self.compute_infer.add(seconds)
-            self.queue.add(sum(waits), len(waits))
             self.batches.setdefault(size, Duration()).add(seconds)
 
     def snapshot(self) -> ModelStats:
@@ -59,6 +70,7 @@ class ModelStats:
         with self.lock:
             return ModelStats(
                 Duration(**vars(self.success)), Duration(**vars(self.fail)), Duration(**vars(self.queue)),
-                Duration(**vars(self.compute_input)), Duration(**vars(self.compute_infer)), self.inference_count,
+                Duration(**vars(self.compute_input)), Duration(**vars(self.compute_infer)),
+                Duration(**vars(self.compute_output)), self.inference_count,
                 self.execution_count, self.last_inference_ms,
                 {size: Duration(**vars(d)) for size, d in self.batches.items()})

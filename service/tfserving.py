@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from imgcls.service import protocols
+from imgcls.service.batcher import Job
 from imgcls.service.server import InferenceServer, LoadedModel, RequestError, error_code
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class _Call:
     """What a handler found out, for the request metrics."""
 
     model: LoadedModel | None = None
+    job: Job | None = None  # the inference calls' job, for the version's statistics
 
 
 class TFServing:
@@ -100,7 +102,7 @@ class TFServing:
                 self.s.metrics.requests.labels(label, name, version, code.name).inc()
                 self.s.metrics.request_latency.labels(label, name).observe(time.monotonic() - start)
                 if call.model is not None and method in ("Predict", "Classify"):  # inference calls only
-                    call.model.stats.request(code == grpc.StatusCode.OK, time.monotonic() - start)
+                    call.model.stats.request(code == grpc.StatusCode.OK, time.monotonic() - start, call.job)
 
     def _model_name(self, spec) -> str:
         if spec.name:
@@ -173,9 +175,9 @@ class TFServing:
         if tensor.dtype == DT_STRING:
             images = _string_values(key, tensor)
             self._check_count(len(images))
-            job = self.s.submit(model, images, deadline)
+            job = call.job = self.s.submit(model, images, deadline)
         elif tensor.dtype == DT_FLOAT:
-            job = self.s.submit_tensors(model, _float_array(key, tensor), deadline)
+            job = call.job = self.s.submit_tensors(model, _float_array(key, tensor), deadline)
         else:
             raise _invalid(f"input {key!r} has dtype {_dtype_name(tensor.dtype)}; expected DT_STRING (encoded "
                            "images) or DT_FLOAT ([N, H, W, 3] preprocessed)")
@@ -196,7 +198,8 @@ class TFServing:
         images = _example_images(request.input)
         self._check_count(len(images))
         deadline = self.s.call_deadline(context, start)
-        probs = self._run(model, self.s.submit(model, images, deadline), context, deadline)
+        call.job = self.s.submit(model, images, deadline)
+        probs = self._run(model, call.job, context, deadline)
         names = model.entry.manifest.class_names
         result = _msg("tensorflow.serving.ClassificationResult")()
         for row in probs:
