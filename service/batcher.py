@@ -249,14 +249,15 @@ class Batcher:
                 log.exception("inference failed for a batch of %d", len(live))
                 probs = exc
             seconds = time.monotonic() - start
+            waits = [start - item.enqueued for item in live]
             try:
-                self._on_batch(len(live), [start - item.enqueued for item in live], seconds)
+                self._on_batch(len(live), waits, seconds)
             except Exception:
                 log.exception("batch observer failed")
-            waits: dict[Job, float] = {}
-            for item in live:
-                waits[item.job] = max(waits.get(item.job, 0.0), start - item.enqueued)
-            for job, wait in waits.items():  # before set(): the last image completes the job
+            longest: dict[Job, float] = {}
+            for item, wait in zip(live, waits, strict=True):
+                longest[item.job] = max(longest.get(item.job, 0.0), wait)
+            for job, wait in longest.items():  # before set(): the last image completes the job
                 job.queue_s += wait  # only this thread writes these two
                 job.infer_s += seconds
             for k, item in enumerate(live):

@@ -52,11 +52,12 @@ class ModelStats:
                 self.fail.add(seconds)
                 return
             self.success.add(seconds)
-            finished = job is not None and job.done_at > 0
-            self.queue.add(job.queue_s if finished else 0.0)
-            self.compute_input.add(job.input_s if finished else 0.0)
-            self.compute_infer.add(job.infer_s if finished else 0.0)
-            self.compute_output.add(max(0.0, time.monotonic() - job.done_at) if finished else 0.0)
+            parts = (0.0, 0.0, 0.0, 0.0)
+            if job is not None and job.done_at > 0:
+                parts = (job.queue_s, job.input_s, job.infer_s, max(0.0, time.monotonic() - job.done_at))
+            split = (self.queue, self.compute_input, self.compute_infer, self.compute_output)
+            for duration, part in zip(split, parts, strict=True):
+                duration.add(part)
 
     def batch(self, size: int, seconds: float) -> None:
         with self.lock:
