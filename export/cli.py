@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from imgcls.errors import ImgclsError
     from imgcls.export.pipeline import ExportConfig, default_threads, run_export
-    from imgcls.export.report import artifact_table, fastest
+    from imgcls.export.report import artifact_table, default_runtime, fastest
+    from imgcls.runtimes import DEFAULT_ORDER
 
     if args.bench_runs < 1 or args.bench_batch_runs < 1:
         raise ImgclsError("--bench-runs and --bench-batch-runs must be at least 1")
@@ -62,7 +63,9 @@ def _export(args: argparse.Namespace) -> int:
     print(f"\npublished {summary['name']} version {summary['version']}: {summary['entry']}")
     print(f"checked on {summary['check_images']} images; SavedModel accuracy {summary['reference_accuracy']:.2%}\n")
     print(artifact_table(summary["artifacts"]))
-    best = fastest(summary["artifacts"])
+    best, served = fastest(summary["artifacts"]), default_runtime(summary["artifacts"])
     if best:
-        print(f"\nfastest full-precision runtime at batch 32: {best}")
+        print(f"\nfastest full-precision runtime at batch 32 in this run: {best}")
+    if served:
+        print(f"imgcls serve runs {served} by default (fixed order {' > '.join(DEFAULT_ORDER)}; --runtime to change)")
     return 0

@@ -2,40 +2,20 @@
 
 A folder artifact (saved_model/) gets a deterministic *tree hash*: sha256 over the sorted lines
 `relative/posix/path NUL sha256(file) LF` of every file in it, so the same SavedModel always hashes the
-same whatever order the file system lists it in. Reproduce with `tree_sha256`.
+same whatever order the file system lists it in. Reproduce with `tree_sha256`. The hashes are the core's
+(`imgcls.runtimes`): the server verifies artifacts with the very same code.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from imgcls.manifest import TensorInfo
+from imgcls.runtimes import checksum, file_sha256, tree_sha256
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tree_sha256(folder: Path) -> str:
-    folder = Path(folder)
-    lines = sorted(f"{p.relative_to(folder).as_posix()}\0{file_sha256(p)}\n"
-                   for p in folder.rglob("*") if p.is_file())
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def checksum(path: Path) -> tuple[str, int]:
-    """(sha256, size in bytes) of a file, or the tree hash and total size of a folder."""
-    path = Path(path)
-    if path.is_dir():
-        return tree_sha256(path), sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return file_sha256(path), path.stat().st_size
+__all__ = ["checksum", "file_sha256", "onnx_tensors", "savedmodel_tensors", "tflite_tensors", "tree_sha256"]
 
 
 def _dims(shape) -> list[int | None]:

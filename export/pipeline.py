@@ -7,7 +7,6 @@ check passes is anything benchmarked, described in the manifest and renamed into
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import numpy as np
 from imgcls import __version__
 from imgcls.errors import ImgclsError
 from imgcls.manifest import Artifact, Manifest, read_manifest, write_manifest
+from imgcls.runtimes import TREE_METHOD, default_threads
 
 from . import convert, describe, faults, publish, samples
 from .bench import BenchSettings, benchmark
@@ -28,10 +28,6 @@ from .checks import MAX_ACCURACY_DROP_POINTS, MIN_TOP1_AGREEMENT, CheckResult, E
 from .runners import SavedModelRunner, open_runner, set_tensorflow_threads
 
 log = logging.getLogger(__name__)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -230,7 +226,7 @@ def _artifact(fmt: str, work: Path, result: CheckResult, extra: dict, bench: dic
     sha, size = describe.checksum(work / file)
     if fmt == "savedmodel":
         inputs, outputs = describe.savedmodel_tensors(reference_runner)
-        extra = {**extra, "sha256_method": "tree: sha256 of sorted 'relpath NUL sha256' lines"}
+        extra = {**extra, "sha256_method": TREE_METHOD}
     elif fmt == "onnx":
         inputs, outputs, opset = describe.onnx_tensors(work / file)
         extra = {**extra, "opset": opset}

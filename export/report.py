@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from imgcls.runtimes import DEFAULT_ORDER
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
@@ -32,3 +34,10 @@ def fastest(artifacts: list[dict], formats: tuple[str, ...] = ("onnx", "tflite",
     """The full-precision format with the highest batch-32 throughput (what the server defaults to)."""
     timed = [a for a in artifacts if a["format"] in formats and a.get("benchmark", {}).get("batch32_images_per_s")]
     return max(timed, key=lambda a: a["benchmark"]["batch32_images_per_s"])["format"] if timed else None
+
+
+def default_runtime(artifacts: list[dict]) -> str | None:
+    """The format `imgcls serve` runs by default: the first of `DEFAULT_ORDER` present (a fixed order, not
+    the benchmark above, which moves with the machine's load)."""
+    present = {a["format"] for a in artifacts}
+    return next((f for f in DEFAULT_ORDER if f in present), None)

@@ -1,19 +1,23 @@
 """Reading a model repository (`REPO/NAME/VERSION/manifest.json`, as `imgcls export` writes it).
 
-Only the shared core is used: manifests are read and validated with `imgcls.manifest.read_manifest`.
+Only the shared core is used: manifests are read and validated with `imgcls.manifest.read_manifest`, and
+artifacts are checked with the core's `verify_checksum` (the same hash export writes, `imgcls.runtimes`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.errors import ImgclsError
-from imgcls.manifest import MANIFEST_FILE, Artifact, Manifest, read_manifest
+from imgcls.manifest import MANIFEST_FILE, Manifest, read_manifest
+from imgcls.runtimes import verify_checksum
 
 log = logging.getLogger(__name__)
+
+__all__ = ["POLICY_HELP", "Entry", "VersionPolicy", "fingerprint", "list_versions", "read_entry", "scan",
+           "verify_checksum", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -148,31 +152,3 @@ def scan(root: Path, policy: str | VersionPolicy = "latest") -> list[Entry]:
     if not entries:
         raise ImgclsError(f"--model-repository {root}: no models found (expected NAME/VERSION/{MANIFEST_FILE})")
     return entries
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _tree_sha256(folder: Path) -> str:
-    """`imgcls export`'s folder hash: sha256 over the sorted lines `relpath NUL sha256(file) LF`."""
-    lines = sorted(f"{p.relative_to(folder).as_posix()}\0{_file_sha256(p)}\n" for p in folder.rglob("*") if p.is_file())
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def verify_checksum(folder: Path, artifact: Artifact) -> None:
-    """Check an artifact against the manifest's sha256. Folders (saved_model/) are checked only when the
-    manifest says they carry export's tree hash (`sha256_method: "tree: ..."`)."""
-    path = folder / artifact.file.rstrip("/")
-    if path.is_file():
-        actual = _file_sha256(path)
-    elif path.is_dir() and str((artifact.model_extra or {}).get("sha256_method", "")).startswith("tree"):
-        actual = _tree_sha256(path)
-    else:
-        return
-    if actual != artifact.sha256:
-        raise ImgclsError(f"{path}: sha256 does not match the manifest (corrupt or replaced file)")

@@ -54,22 +54,93 @@ def _with_benchmarks(manifest, numbers: dict[str, dict]):
     return manifest.model_copy(update={"artifacts": artifacts})
 
 
-def test_choose_artifact(service_repo):
+def _with_formats(manifest, formats: tuple[str, ...]):
+    return manifest.model_copy(update={"artifacts": [a for a in manifest.artifacts if a.format in formats]})
+
+
+def test_choose_artifact_is_a_fixed_order_never_savedmodel_beside_onnx_or_tflite(service_repo):
+    """tflite > onnx > savedmodel whatever the export's benchmark said (docs/export.md has the measurements);
+    fp16/int8 only when asked; SavedModel only when it is the only full-precision artifact."""
     manifest = read_manifest(service_repo / "tiny" / "2")
-    assert choose_artifact(manifest).format == "onnx"  # fastest full-precision by the fixture's numbers
+    assert choose_artifact(manifest).format == "tflite"
     assert choose_artifact(manifest, "tflite-int8").format == "tflite-int8"  # int8 only when asked
+    assert choose_artifact(manifest, "onnx").format == "onnx"  # --runtime still wins
     faster_tflite = {"onnx": {"batch32_images_per_s": 10}, "tflite": {"batch32_images_per_s": 20},
                      "savedmodel": {"batch32_images_per_s": 5}, "tflite-int8": {"batch32_images_per_s": 99}}
-    assert choose_artifact(_with_benchmarks(manifest, faster_tflite)).format == "tflite"
-    by_latency = {"onnx": {"batch1_p50_ms": 3.0}, "tflite": {"batch1_p50_ms": 4.0},
-                  "savedmodel": {"batch1_p50_ms": 1.0}}
-    assert choose_artifact(_with_benchmarks(manifest, by_latency)).format == "savedmodel"
+    faster_onnx = {"onnx": {"batch32_images_per_s": 30}, "tflite": {"batch32_images_per_s": 20}}
+    savedmodel_fastest = {"onnx": {"batch1_p50_ms": 3.0}, "tflite": {"batch1_p50_ms": 4.0},
+                          "savedmodel": {"batch1_p50_ms": 1.0, "batch32_images_per_s": 1e6}}
+    for numbers in (faster_tflite, faster_onnx, savedmodel_fastest, {}):  # noisy numbers change nothing
+        assert choose_artifact(_with_benchmarks(manifest, numbers)).format == "tflite"
+        assert choose_artifact(_with_formats(_with_benchmarks(manifest, numbers), ("onnx", "savedmodel"))).format \
+            == "onnx"
+    only_savedmodel = _with_formats(manifest, ("savedmodel", "tflite-int8"))
+    assert choose_artifact(only_savedmodel).format == "savedmodel"
     no_tf = ("onnx", "tflite", "tflite-fp16", "tflite-int8")
-    assert choose_artifact(_with_benchmarks(manifest, by_latency), available=no_tf).format == "onnx"
-    partial = {"tflite": {"batch32_images_per_s": 20}}  # not comparable: fall back to onnx > tflite > savedmodel
-    assert choose_artifact(_with_benchmarks(manifest, partial)).format == "onnx"
+    with pytest.raises(ImgclsError, match="no full-precision artifact this server can run"):
+        choose_artifact(only_savedmodel, available=no_tf)
+    assert choose_artifact(_with_formats(manifest, ("savedmodel", "onnx")), available=no_tf).format == "onnx"
     with pytest.raises(ImgclsError, match="no 'tflite' artifact"):
         choose_artifact(read_manifest(service_repo / "tiny" / "1"), "tflite")
+    assert choose_artifact(read_manifest(service_repo / "tiny" / "1")).format == "onnx"
+
+
+def test_three_exports_of_one_bundle_pick_one_runtime(service_repo):
+    """Issue 15 defect 8: three exports picked onnx, tflite, savedmodel because their benchmarks differed."""
+    manifest = read_manifest(service_repo / "tiny" / "2")
+    runs = [{"onnx": {"batch32_images_per_s": 120}, "tflite": {"batch32_images_per_s": 110},
+             "savedmodel": {"batch32_images_per_s": 60}},
+            {"onnx": {"batch32_images_per_s": 90}, "tflite": {"batch32_images_per_s": 150},
+             "savedmodel": {"batch32_images_per_s": 60}},
+            {"onnx": {"batch32_images_per_s": 40}, "tflite": {"batch32_images_per_s": 45},
+             "savedmodel": {"batch32_images_per_s": 56}}]
+    assert {choose_artifact(_with_benchmarks(manifest, numbers)).format for numbers in runs} == {"tflite"}
+
+
+def test_service_names_are_the_cores():
+    """The server imports these from imgcls.service.*; they are the core's, shared with export."""
+    import imgcls.runtimes as core
+    from imgcls.export import describe, runners
+    from imgcls.service import repository, runtimes
+
+    for name in ("load_runtime", "choose_artifact", "FORMATS", "tensorflow_installed", "default_threads", "Runtime"):
+        assert getattr(runtimes, name) is getattr(core, name)
+    assert repository.verify_checksum is core.verify_checksum
+    assert describe.checksum is core.checksum and describe.tree_sha256 is core.tree_sha256
+    assert issubclass(runners.TFLiteRunner, core.TFLiteRuntime) and runners.OnnxRunner is core.OnnxRuntime
+
+
+def test_checksum_written_by_export_is_verified_by_the_service(tmp_path):
+    from imgcls.manifest import Artifact
+    from imgcls.runtimes import TREE_METHOD, checksum, verify_checksum
+
+    (tmp_path / "model.onnx").write_bytes(b"weights")
+    (tmp_path / "saved_model" / "variables").mkdir(parents=True)
+    (tmp_path / "saved_model" / "saved_model.pb").write_bytes(b"graph")
+    (tmp_path / "saved_model" / "variables" / "v.data").write_bytes(b"numbers")
+    file_art = Artifact(format="onnx", file="model.onnx", sha256=checksum(tmp_path / "model.onnx")[0],
+                        size_bytes=7, inputs=[], outputs=[])
+    tree_art = Artifact(format="savedmodel", file="saved_model/", sha256=checksum(tmp_path / "saved_model")[0],
+                        size_bytes=12, inputs=[], outputs=[], sha256_method=TREE_METHOD)
+    verify_checksum(tmp_path, file_art)
+    verify_checksum(tmp_path, tree_art)
+    (tmp_path / "saved_model" / "variables" / "v.data").write_bytes(b"changed")
+    with pytest.raises(ImgclsError, match="sha256 does not match"):
+        verify_checksum(tmp_path, tree_art)
+    (tmp_path / "model.onnx").write_bytes(b"other")
+    with pytest.raises(ImgclsError, match="sha256 does not match"):
+        verify_checksum(tmp_path, file_art)
+
+
+def test_core_runtimes_load_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, imgcls.runtimes, imgcls.cpus, imgcls.service.runtimes, imgcls.service.repository,"
+            " imgcls.export.runners, imgcls.export.describe, imgcls.export.publish;"
+            "print(sorted(m for m in ('tensorflow', 'tf_keras', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_corrupt_artifact_is_refused_at_load(service_repo, tmp_path):
