@@ -7,9 +7,22 @@
         for result in prediction.results:
             print(result.labels[0].name if result.ok else result.error)
 
-Images may be file paths, encoded bytes or PIL images (sent as PNG). Calls are retried with exponential
-backoff while the server answers UNAVAILABLE (starting up, draining, restarting) within the call's
-timeout, which covers all attempts. Other failures raise `ServiceError` carrying the gRPC status.
+Images may be file paths, encoded bytes or PIL images (sent as PNG). Other failures raise `ServiceError`
+carrying the gRPC status.
+
+Retries, and why: a server restart (rollout, crash, SIGTERM) takes a few seconds, during which calls fail in
+ways that a later attempt fixes. So unary calls are retried, with exponential back-off and jitter (so that
+many clients do not come back in step), for as long as the call's own `timeout` allows (it covers every
+attempt; nothing is retried past it), on:
+
+- UNAVAILABLE: no server listening, starting up, or draining;
+- CANCELLED, unless this client cancelled it (`close()`): the server shut down with the call in flight;
+- RESOURCE_EXHAUSTED from an overloaded server, waiting at least the `retry-after-ms` it sends in the
+  trailing metadata (not a message over the size limit: resending it cannot help).
+
+Everything else (INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED, ...) is raised at once. The channel's own
+reconnect back-off is shortened too (gRPC's default waits 1 s, then 1.6x longer each time, before it even
+tries to reconnect), so a restarted server is found within ~0.1-1 s of listening again.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -76,15 +89,71 @@ class Prediction:
 
 
 class ServiceError(ImgclsError):
-    """A call failed; `code` is the grpc.StatusCode."""
+    """A call failed; `code` is the grpc.StatusCode. `retry_after` is the server's hint in seconds
+    (trailing metadata `retry-after-ms`), None when it sent none."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
+RETRY_AFTER_KEY = "retry-after-ms"
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Channel options: reconnect quickly after a restart instead of gRPC's 1 s, x1.6, up to 120 s back-off.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # not every RpcError carries metadata
+        return None
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = float(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:
+                return None
+            return max(0.0, ms) / 1000.0 if ms == ms and ms != float("inf") else None
+    return None
+
+
+def service_error(exc: grpc.RpcError) -> ServiceError:
+    """The ServiceError for a failed call, with the server's retry hint."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    details = (exc.details() if hasattr(exc, "details") else "") or ""  # type: ignore[attr-defined]
+    return ServiceError(code or grpc.StatusCode.UNKNOWN, details, _retry_after(exc))
+
+
+def too_large(exc: ServiceError) -> bool:
+    """RESOURCE_EXHAUSTED because a message is over a size limit (either side's): not load, not retryable."""
+    return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in exc.message
+
+
+def retryable(exc: ServiceError, *, cancelled_by_us: bool = False) -> bool:
+    """Whether a later attempt of the same call can succeed (see the module docstring)."""
+    if exc.code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if exc.code == grpc.StatusCode.CANCELLED:
+        return not cancelled_by_us
+    return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not too_large(exc)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential back-off with jitter: attempt n waits `first * 2**n`, capped at `cap`, times a random
+    factor in [0.5, 1]; never less than the server's retry hint."""
+
+    first: float = 0.1
+    cap: float = 2.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def delay(self, attempt: int, hint: float | None = None) -> float:
+        base = min(self.cap, self.first * (2.0 ** min(attempt, 60))) * self.rng.uniform(0.5, 1.0)
+        return max(base, hint) if hint is not None else base
 
 
 def _error(status: pb.Status) -> ErrorInfo | None:
@@ -118,22 +187,30 @@ def _prediction(response: pb.PredictResponse) -> Prediction:
 class Client:
     """Thread-safe; one channel per client. Use as a context manager or call `close()`."""
 
+    # With no timeout at all, a call is still not retried forever.
+    RETRIES_WITHOUT_TIMEOUT = 10
+
     def __init__(
         self,
         target: str,
         *,
         timeout: float | None = 30.0,
-        retries: int = 4,
+        retries: int | None = None,
         backoff: float = 0.1,
+        max_backoff: float = 2.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         channel: grpc.Channel | None = None,
     ) -> None:
+        """`timeout`: seconds per call, all attempts together (None: no deadline). `retries`: at most this many
+        retries per call (None: as many as the timeout allows; 0: none). `backoff`/`max_backoff`: the first
+        retry delay and its cap."""
         self.target = target
         self.timeout = timeout
         self.retries = retries
-        self.backoff = backoff
+        self.backoff = Backoff(backoff, max_backoff)
+        self._closed = False
         options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+                   ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
         self.channel = channel or grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -144,26 +221,40 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
+        """Close the channel; calls in flight end CANCELLED, and are not retried (the cancel was ours)."""
+        self._closed = True
         self.channel.close()
 
+    # Time left for one more attempt below which a retry is not worth starting.
+    MIN_ATTEMPT_S = 0.05
+
     def _call(self, fn: Callable[..., T], request: object, timeout: float | None) -> T:
-        """Call with retries on UNAVAILABLE; `timeout` bounds all attempts together."""
+        """Call with retries (see the module docstring); `timeout` bounds all attempts together."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            left = None if deadline is None else deadline - time.monotonic()
+        limit = self.retries if self.retries is not None else (None if deadline else self.RETRIES_WITHOUT_TIMEOUT)
+        attempt = 0
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return fn(request, timeout=left)
             except grpc.RpcError as exc:
-                code = exc.code()
-                out_of_time = deadline is not None and deadline - time.monotonic() <= delay
-                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries or out_of_time:
-                    raise ServiceError(code, exc.details() or "") from None
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay *= 2
-        raise AssertionError("unreachable")
+                error = service_error(exc)
+            if not retryable(error, cancelled_by_us=self._closed) or (limit is not None and attempt >= limit):
+                raise error
+            delay = self.backoff.delay(attempt, error.retry_after)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left < self.MIN_ATTEMPT_S or (error.retry_after or 0.0) > left:
+                    raise error  # no time for another attempt (or the server asked us to stay away longer)
+                delay = min(delay, left - self.MIN_ATTEMPT_S)
+            time.sleep(delay)
+            attempt += 1
 
     def predict(
         self,
@@ -206,7 +297,7 @@ class Client:
             for response in self.stub.PredictStream(requests(), timeout=timeout):
                 yield _prediction(response)
         except grpc.RpcError as exc:
-            raise ServiceError(exc.code(), exc.details() or "") from None
+            raise service_error(exc) from None
 
     def metadata(self, model: str = "", version: int = 0, timeout: float | None = None) -> pb.ModelMetadata:
         return self._call(self.stub.GetModelMetadata,
@@ -220,7 +311,7 @@ class Client:
         try:
             response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
-            raise ServiceError(exc.code(), exc.details() or "") from None
+            raise service_error(exc) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:
