@@ -9,14 +9,20 @@ Design, and why:
   only; a worker reads the files just before sending them), and each answered request is appended to the
   output and flushed at once. Memory does not depend on the number of files, except 8 bytes per answered
   path for resume and de-duplication (`batch_io.PathIndex`).
-- Failures: a file that cannot be read, or that the server rejects, becomes an error row and the job goes
-  on. UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED are retried with exponential backoff (with
-  jitter, capped at `--max-backoff`). If a request still fails after `--retries`, the server is considered
-  gone: no error rows are written for those files, the requests in flight finish, and the job stops with
-  exit code 3 so that re-running it resumes where it stopped (rather than filling the output with
-  UNAVAILABLE rows that a later run would have to redo).
-- Resume: the output is the job's state. Files already in it are skipped; a partial last row from a kill
-  is cut; `--retry-errors` removes the error rows first so those files are sent again.
+- Failures (docs/batch.md, Failures and retries): one file never breaks the job. A request answered
+  UNAVAILABLE, CANCELLED by a server shutting down, or RESOURCE_EXHAUSTED is retried as it is, with
+  exponential back-off and jitter (capped at `--max-backoff`, never sooner than the server's
+  `retry-after-ms` hint), at most `--retries` times, saying on stderr what it waits for. A request that
+  still fails, times out (DEADLINE_EXCEEDED), or is refused as a whole (INVALID_ARGUMENT, INTERNAL, a
+  message over the size limit, ...) is split and its files are sent one by one, so a slow or hostile file
+  costs only its own error row (with the reason) and the clean files of its request get their answers.
+  The server is considered gone only when it also fails its health check: then no error rows are written
+  for those files, the requests in flight finish, and the job stops with exit code 3 so that re-running it
+  resumes where it stopped (rather than filling the output with UNAVAILABLE rows that a later run would
+  have to redo). A file that cannot be read, or that the server rejects, becomes an error row too.
+- Resume: the output is the job's state. Files already in it are skipped, error rows included, so every
+  run gets further than the last one even when a file fails every time; a partial last row from a kill is
+  cut; `--retry-errors` (or `--retry-failed`) removes the error rows first so those files are sent again.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -48,15 +53,16 @@ from imgcls.service.batch_io import (
     path_key,
     read_existing,
 )
-from imgcls.service.client import Client, ServiceError
+from imgcls.service.client import Backoff, Client, ServiceError, retryable
 from imgcls.service.records import error_record, ok_record, read_error_record
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       grpc.StatusCode.DEADLINE_EXCEEDED})
+# Retried as they are (see client.retryable): UNAVAILABLE, CANCELLED by a server shutting down,
+# RESOURCE_EXHAUSTED that is load (not a message over the size limit).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 # Codes that no retry and no other file can fix: the job as configured cannot run.
 FATAL = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
@@ -219,6 +225,13 @@ class Progress:
             of = f"/{self.total}" if self.total is not None else ""
             print(f"batch: {self.done}{of} files, {rate:.1f} images/s{eta}", file=sys.stderr, flush=True)
 
+    def note(self, message: str) -> None:
+        """A line on stderr that does not break the bar (what the job waits for, a file that failed)."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -243,6 +256,7 @@ class BatchSummary:
     skipped: int = 0  # already answered in the output
     duplicates: int = 0  # listed more than once in the input
     retries: int = 0
+    split_requests: int = 0  # requests that failed and were sent again one file at a time
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     output_rows: int = 0  # the whole output after this run
@@ -266,10 +280,6 @@ def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _too_large(exc: ServiceError) -> bool:
-    return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in exc.message
-
-
 class BatchJob:
     """One run of `imgcls batch`. `run()` returns the summary; the CLI prints it and exits with its code."""
 
@@ -282,36 +292,72 @@ class BatchJob:
                                        max_message_bytes=MAX_MESSAGE_BYTES)
         self.stop = threading.Event()
         self._lock = threading.Lock()
+        self._noted: dict[str, float] = {}
+        self._backoff = Backoff(config.backoff, config.max_backoff)
         self.retries = 0
+        self.split_requests = 0
+        self.progress = Progress(config.progress)
         self.model, self.top_k = config.model, config.top_k  # resolved from the server's metadata in run()
 
     # -- retries --
 
-    def _delay(self, attempt: int) -> float:
-        """Exponential backoff with jitter (so many clients do not retry in step), capped."""
-        return min(self.cfg.max_backoff, self.cfg.backoff * (2 ** attempt)) * random.uniform(0.5, 1.0)
+    def _note(self, key: str, message: str) -> None:
+        """Say on stderr what the job is waiting for (at most once a second per kind of wait), so that a job
+        that makes no progress for a while says why instead of looking hung."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._noted.get(key, -1e9) < 1.0:
+                return
+            self._noted[key] = now
+        self.progress.note(f"batch: {message}")
 
-    def _with_retries(self, call: Callable[[], T]) -> T:
-        for attempt in range(self.cfg.retries + 1):
+    def _sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.retries += 1
+        if self.stop.wait(seconds):
+            raise _Stopped
+
+    def _server_healthy(self) -> bool:
+        """Whether the server answers its health check SERVING: only a failing health check (or connection)
+        means the server is gone; a request that fails while it is healthy is that request's problem."""
+        try:
+            return self.client.health(timeout=min(5.0, self.cfg.timeout)) == "SERVING"
+        except ServiceError:
+            return False
+        except ValueError:  # closed channel: the job is stopping
+            raise _Stopped from None
+
+    def _with_retries(self, call: Callable[[], T], what: str = "the server") -> T:
+        """`call()`, retried with back-off while a later attempt can succeed (UNAVAILABLE, CANCELLED by a
+        server shutting down, RESOURCE_EXHAUSTED honouring the server's retry hint), at most `--retries`
+        times. Then: ServerGone when the server also fails its health check, else the last error (the
+        request, not the server, is the problem: the caller splits it)."""
+        attempt = 0
+        while True:
             if self.stop.is_set():
                 raise _Stopped
             try:
                 return call()
             except ServiceError as exc:
-                if exc.code not in RETRYABLE or _too_large(exc):
+                if self.stop.is_set():
+                    raise _Stopped from None
+                if not retryable(exc, cancelled_by_us=self.client.closed):
                     raise
-                if attempt == self.cfg.retries:
-                    raise ServerGone(exc, self.cfg.retries) from None
-                log.debug("%s, retry %d", exc, attempt + 1)
+                if attempt >= self.cfg.retries:
+                    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED and not self._server_healthy():
+                        raise ServerGone(exc, self.cfg.retries) from None
+                    raise
+                delay = self._backoff.delay(attempt, exc.retry_after)
+                waiting = ("the server to have room" if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                           else f"{self.cfg.target} to come back")
+                self._note(exc.code.name, f"waiting for {waiting} ({exc.code.name}: {exc.message[:120]}) for "
+                                          f"{what}; retry {attempt + 1}/{self.cfg.retries} in {delay:.1f} s")
             except ValueError:  # "Cannot invoke RPC on closed channel": the job is stopping
                 if self.stop.is_set():
                     raise _Stopped from None
                 raise
-            with self._lock:
-                self.retries += 1
-            if self.stop.wait(self._delay(attempt)):
-                raise _Stopped
-        raise AssertionError("unreachable")
+            self._sleep(delay)
+            attempt += 1
 
     # -- one request's worth of files --
 
@@ -343,21 +389,15 @@ class BatchJob:
             records += self._send(group)
         return _ChunkResult(records)
 
-    def _send(self, group: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    def _send(self, group: list[tuple[str, bytes]], server_lost: int = 0) -> list[dict[str, Any]]:
+        """Records for `group`, one request (with retries); see `_failed` for what happens when it fails."""
+        what = f"{len(group)} files" if len(group) > 1 else group[0][0]
         try:
             prediction = self._with_retries(lambda: self.client.predict(
                 [data for _, data in group], model=self.model, version=self.cfg.version, top_k=self.top_k,
-                timeout=self.cfg.timeout))
+                timeout=self.cfg.timeout), what)
         except ServiceError as exc:
-            if len(group) > 1 and _too_large(exc):  # the server takes smaller messages than we sent
-                half = len(group) // 2
-                return self._send(group[:half]) + self._send(group[half:])
-            if len(group) == 1 and (exc.code == grpc.StatusCode.INVALID_ARGUMENT or _too_large(exc)):
-                return [error_record(group[0][0], exc.code.name, exc.message)]  # the image itself
-            if exc.code in FATAL or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                hint = " (lower --batch-size?)" if exc.code == grpc.StatusCode.INVALID_ARGUMENT else ""
-                raise ImgclsError(f"the server refused the job: {exc}{hint}") from None
-            return [error_record(path, exc.code.name, exc.message) for path, _ in group]  # INTERNAL, ...
+            return self._failed(group, exc, server_lost)
         out = []
         for (path, _), result in zip(group, prediction.results, strict=True):
             if result.error is not None:
@@ -365,6 +405,47 @@ class BatchJob:
             else:
                 out.append(ok_record(path, prediction.model, prediction.version, result.labels))
         return out
+
+    def _failed(self, group: list[tuple[str, bytes]], exc: ServiceError, server_lost: int) -> list[dict[str, Any]]:
+        """A request failed for good. Codes that no file can fix stop the job (exit 2). A request that timed
+        out while the server also stopped answering its health check waits for the server and is sent
+        again (twice at most: a file that takes the server down with it must not do so forever). Otherwise
+        the request is the problem, not the server: several files are split and sent one by one, so one
+        bad or slow file costs only its own row; a single file gets an error row with the reason."""
+        if exc.code in FATAL:
+            raise ImgclsError(f"the server refused the job: {exc}")
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and not self._server_healthy():
+            if server_lost < 2:
+                self._wait_for_server(exc)
+                return self._send(group, server_lost + 1)
+            exc = ServiceError(exc.code, f"{exc.message} (the server stopped answering twice while this was "
+                                         "in flight)")
+        if len(group) > 1:
+            with self._lock:
+                self.split_requests += 1
+            self._note("split", f"a request of {len(group)} files failed ({exc.code.name}: {exc.message[:120]}); "
+                                "the server is healthy, so its files are sent one by one")
+            return [record for item in group for record in self._send([item], server_lost)]
+        path = group[0][0]
+        message = exc.message
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = f"no answer within --timeout {self.cfg.timeout:g} s while the server was healthy ({message})"
+        self._note(f"file:{path}", f"{path}: {exc.code.name}: {message[:200]} (recorded as an error row; "
+                                   "--retry-errors sends it again)")
+        return [error_record(path, exc.code.name, message)]
+
+    def _wait_for_server(self, exc: ServiceError) -> None:
+        """Poll health with back-off, at most `--retries` times; ServerGone if it never answers SERVING."""
+        for attempt in range(self.cfg.retries + 1):
+            if self._server_healthy():
+                return
+            if attempt == self.cfg.retries:
+                break
+            delay = self._backoff.delay(attempt)
+            self._note("health", f"waiting for {self.cfg.target} to answer its health check ({exc.code.name}: "
+                                 f"{exc.message[:120]}); check {attempt + 1}/{self.cfg.retries} in {delay:.1f} s")
+            self._sleep(delay)
+        raise ServerGone(exc, self.cfg.retries)
 
     # -- the whole job --
 
@@ -418,7 +499,7 @@ class BatchJob:
                     seen.add(key)
                     yield path
 
-        progress = Progress(cfg.progress)
+        progress = self.progress
         progress.count_in_background(self.source, lambda p: path_key(p) in answered)
         writer = ResultWriter(handle, self.fmt, self.top_k)
         pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="batch")
@@ -477,6 +558,7 @@ class BatchJob:
             raise fatal
 
         summary.retries = self.retries
+        summary.split_requests = self.split_requests
         summary.wall_seconds = time.monotonic() - started
         summary.images_per_second = summary.files / summary.wall_seconds if summary.wall_seconds > 0 else 0.0
         summary.output_rows = existing.rows + summary.files

@@ -58,10 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
     _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
     _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
-    _flag(serve, "--grpc-workers", "gRPC handler threads (max calls in progress)", 64, type=int)
+    _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "
+          "health checks are never refused", 1024, type=int)
     _flag(serve, "--max-batch-size", "largest batch the dynamic batcher forms", 32, type=int)
     _flag(serve, "--max-queue-delay-ms", "longest an image waits for its batch to fill", 2.0, type=float)
-    _flag(serve, "--max-queue-size", "images waiting per model before RESOURCE_EXHAUSTED", 256, type=int)
+    _flag(serve, "--max-queue-size", "images admitted per model and not yet in a running batch (decoding or "
+          "queued) before RESOURCE_EXHAUSTED: the admission limit, see docs/overload.md", 16, type=int)
     _flag(serve, "--max-images-per-request", "more is INVALID_ARGUMENT", 64, type=int)
     _flag(serve, "--max-message-bytes", "largest gRPC message, either direction", 64 * 1024 * 1024, type=int)
     _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)
@@ -69,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
           50_000_000, type=int)
     _flag(serve, "--default-top-k", "labels per image when a request does not say", 5, type=int)
     _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
+    _flag(serve, "--stream-idle-timeout", "seconds a stream may stay open with nothing sent and nothing in "
+          "progress before the server closes it (UNAVAILABLE)", 300.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
     _flag(serve, "--verify-checksums", "check artifact sha256 against the manifest at load", "true", type=_bool,
           metavar="BOOL")
@@ -89,9 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     batch = sub.add_parser(
         "batch", help="classify a folder, glob or list of files through a running server (resumable)",
         description="Classify many files through a running imgcls server: results are appended to --output as "
-                    "they arrive, and re-running the same command resumes where it stopped. Exit codes: 0 all "
-                    "files answered, 1 some files failed, 2 usage error, 3 server unavailable (re-run to resume), "
-                    "130 interrupted.")
+                    "they arrive, and re-running the same command resumes where it stopped (files with an error "
+                    "row included: --retry-errors sends those again). A request that fails or times out while "
+                    "the server is healthy is split and its files are sent one by one, so one bad or slow file "
+                    "costs only its own error row. Exit codes: 0 all files answered, 1 some files failed (error "
+                    "rows), 2 usage error or a job the server refuses (unknown model, ...), 3 server unavailable "
+                    "(it failed its health check after the retries; re-run to resume), 130 interrupted.")
     _flag(batch, "--target", "server address HOST:PORT", "localhost:50051")
     batch.add_argument("--input", required=True, metavar="PATH",
                        help="a folder (searched recursively for images), a quoted glob ('photos/**/*.jpg') or a "
@@ -105,16 +112,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--top-k", type=int, default=5, help="labels per file (default 5)")
     batch.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
     batch.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    batch.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt (default 60)")
+    batch.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds per request attempt (default 60); a file alone that takes longer while the "
+                            "server is healthy gets a DEADLINE_EXCEEDED error row")
     batch.add_argument("--retries", type=int, default=8,
-                       help="retries of a request answered UNAVAILABLE, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED "
-                            "(default 8)")
+                       help="retries of a request answered UNAVAILABLE, CANCELLED by a server shutting down, or "
+                            "RESOURCE_EXHAUSTED (default 8); then it is split per file, or, if the server fails "
+                            "its health check too, the job stops with exit code 3")
     batch.add_argument("--backoff", type=float, default=0.2, help="first retry delay in seconds, doubled per retry")
     batch.add_argument("--max-backoff", type=float, default=10.0, help="cap on the retry delay (default 10 s)")
     batch.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
                        help="split requests larger than this (default 16 MiB)")
-    batch.add_argument("--retry-errors", action="store_true",
-                       help="remove the error rows of earlier runs from --output and send those files again")
+    batch.add_argument("--retry-errors", "--retry-failed", dest="retry_errors", action="store_true",
+                       help="remove the error rows of earlier runs from --output and send those files again "
+                            "(without it, files with an error row are skipped like answered ones)")
     batch.add_argument("--allow-failures", action="store_true", help="exit 0 even when some files failed")
     batch.add_argument("--labels-from-folders", action="store_true",
                        help="the first folder below --input is each file's class: report accuracy per class")
@@ -163,12 +174,13 @@ def serve_command(args: argparse.Namespace) -> int:
         runtime=runtime, model_runtimes=per_model, versions=args.version_policy,
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
         poll_interval=args.poll_interval,
-        grpc_workers=args.grpc_workers,
+        max_concurrent_calls=args.max_concurrent_calls,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, default_top_k=args.default_top_k,
-        stream_max_inflight=args.stream_max_inflight, grace_period=args.grace_period,
+        stream_max_inflight=args.stream_max_inflight, stream_idle_timeout=args.stream_idle_timeout,
+        grace_period=args.grace_period,
         verify_checksums=args.verify_checksums,
     )
     if args.inference_threads is not None:

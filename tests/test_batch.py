@@ -228,7 +228,8 @@ class _DrainAfter:
             if self.count == self.n:
                 # Refuse new calls now, as drain() does first: on a loaded machine the drain thread may start
                 # only after the job has sent every remaining request.
-                self.box[0].accepting = False
+                server = self.box[0]
+                getattr(server, "core", server).accepting = False  # the request core's flag (server.py rewrite)
                 threading.Thread(target=self.box[0].drain, args=(5,), daemon=True).start()
         time.sleep(0.01)
         return out
