@@ -11,3 +11,16 @@ class ImageDecodeError(ImgclsError):
 
 class ManifestError(ImgclsError):
     """A manifest that is missing, unreadable or does not match the schema; names the field."""
+
+
+class DecodeAborted(ImgclsError):
+    """A decode stopped before it finished: its deadline passed, it was cancelled, or it ran past the hard bound.
+
+    `reason` is one of "deadline", "cancelled", "cpu" (the worker was killed at the CPU-time bound), "memory"
+    (the server-wide decode memory budget stayed full until the deadline) or "closed" (the pool shut down),
+    so the server can map each to its own status code.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -16,14 +16,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgcls.decoding import (
+    DEFAULT_FORMATS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DecodeCost,
+    DecodeLimits,
+    check_cost,
+    resolve_limits,
+)
 from imgcls.errors import ImageDecodeError
 
 # Truncated files must fail loudly (and be skipped by the scan), never decode half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 50_000_000  # well above any camera photo, far below a decompression bomb
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+__all__ = ["DEFAULT_FORMATS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DecodeLimits", "PreprocessingSpec",
+           "decode_image", "load_uint8", "normalize", "preprocess_bytes", "preprocess_file", "read_file",
+           "resize_image"]
+_GREY16_BLOCK = 1 << 20  # pixels converted at a time: a 50 MP 16-bit image never exists as float64 at once
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -69,10 +80,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         peak = max(float(arr.max()), 1.0)
         scale = 255.0 / (65535.0 if peak > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+        out = np.empty(arr.shape, np.uint8)
+        flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+        for i in range(0, flat_in.size, _GREY16_BLOCK):  # same values as one float64 pass, 1/8 of the memory
+            block = flat_in[i:i + _GREY16_BLOCK].astype(np.float64)
+            flat_out[i:i + _GREY16_BLOCK] = np.clip(block * scale, 0, 255).astype(np.uint8)
+        img = Image.fromarray(out, mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -85,29 +101,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def decode_image(
     data: bytes,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: DecodeLimits | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    formats: str | tuple[str, ...] | None = None,
     draft_size: tuple[int, int] | None = None,
+    cost: DecodeCost | None = None,
 ) -> Image.Image:
     """Decode encoded bytes to an upright RGB Pillow image (first frame of animations).
 
-    Raises ImageDecodeError for empty, oversized, truncated or non-image input. `draft_size` lets
-    JPEG decode at a reduced scale that is still at least that large (much faster for big photos).
+    The format must be in the allowlist and the header-only cost estimate within the budget
+    (`imgcls.decoding`); only then is Pillow given the bytes, with that one format. Raises ImageDecodeError
+    for empty, oversized, refused, over-budget, truncated or non-image input. `draft_size` (height, width)
+    lets JPEG decode at a reduced scale that is still at least that large (much faster for big photos).
+    `cost` is a `check_cost` result already computed by the caller (the decode pool checks before dispatch).
     """
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageDecodeError(f"encoded image is {len(data)} bytes, over the limit of {max_bytes}")
+    limits = resolve_limits(limits, max_pixels=max_pixels, max_bytes=max_bytes, formats=formats)
+    if cost is None:
+        cost = check_cost(data, limits, draft_size)
+    header = cost.header
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-                )
-            if draft_size is not None and img.format == "JPEG":
+            img = Image.open(io.BytesIO(data), formats=[header.format])
+            if img.size != (header.width, header.height):
+                raise ImageDecodeError(f"{header.format} header says {header.width}x{header.height} but the "
+                                       f"decoder sees {img.size[0]}x{img.size[1]}")
+            if draft_size is not None and header.format == "JPEG":
                 side = max(draft_size)
                 img.draft("RGB", (side, side))
             img.seek(0)
@@ -117,11 +137,15 @@ def decode_image(
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a decodable image (unknown or unsupported format)") from None
+        raise ImageDecodeError(f"corrupt {header.format} image (the decoder does not recognise it)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"not a decodable image ({exc})") from None
+    except MemoryError:
+        raise ImageDecodeError("the image needs more memory to decode than allowed") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
+    except Exception as exc:  # Pillow has more ways to fail on hostile input than it documents
+        raise ImageDecodeError(f"could not decode the image ({type(exc).__name__}: {exc})"[:300]) from None
 
 
 def resize_image(img: Image.Image, spec: PreprocessingSpec) -> np.ndarray:
@@ -145,7 +169,11 @@ def normalize(images: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
 
 
 def load_uint8(data: bytes, spec: PreprocessingSpec, **limits) -> np.ndarray:
-    """Encoded bytes to the resized uint8 RGB array the model input is computed from."""
+    """Encoded bytes to the resized uint8 RGB array the model input is computed from.
+
+    `limits`: `limits=DecodeLimits(...)` and/or its fields `max_pixels`, `max_bytes`, `formats` (see
+    `decode_image`). The allowlist and cost check apply; no process isolation (training, export, tests).
+    """
     img = decode_image(data, draft_size=spec.input_size, **limits)
     return resize_image(img, spec)
 
