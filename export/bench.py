@@ -1,9 +1,10 @@
 """Latency and throughput of each artifact with the runtime the service uses, threads set explicitly.
 
 Batch 1: median and p90 latency over `batch1_runs` calls after a warm-up. Batch 32: throughput from the
-median time of `batch_runs` calls (the median, not the mean, because the machine is shared and a
-neighbour's burst should not decide which runtime the server picks). The keys written here are the
-ones the service compares: `batch1_p50_ms`, `batch1_p90_ms`, `batch32_images_per_s`, `threads`.
+median time of `batch_runs` calls (the median, not the mean, because the machine is shared). The keys:
+`batch1_p50_ms`, `batch1_p90_ms`, `batch32_images_per_s`, `threads`. They describe the artifact; the server
+does not pick its runtime by them (they move with a neighbour's load, and did pick three runtimes for three
+exports of one bundle): it uses a fixed order, see docs/export.md.
 The runners mirror the service's settings: onnxruntime without spinning threads, TFLite batches run as
 power-of-two chunks of at most 8 on cached interpreters (`tflite_max_chunk`; XNNPACK time per image is
 flat in the batch size, memory is not).
@@ -17,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from imgcls.cpus import cpu_limits
 
 from .runners import Runner
 
@@ -35,8 +38,9 @@ class BenchSettings:
 
 
 def machine() -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": platform.processor() or platform.machine(), "cores_available": cores,
+    limits = cpu_limits()  # affinity and cgroup quota: a container's --cpus shows here, not the host's cores
+    return {"cpu": platform.processor() or platform.machine(), "cores_available": limits.usable,
+            "cpu_affinity": limits.affinity, "cpu_quota": limits.quota,
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
