@@ -1,0 +1,114 @@
+"""The overload benchmark runs end to end on the tiny fixture model (very short runs, few clients), and stops
+what it started when interrupted. Its figures are not checked against issue 14's targets here: the smoke run
+must pass on the server before and after the admission-control rewrite alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from service_fixtures import write_images
+
+pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overload.py"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purpose (its parent, the benchmark, has exited and init reaps it)
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.slow
+def test_bench_overload_smoke(service_repo, tmp_path):
+    write_images(tmp_path / "images", count=6)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model-repository", str(service_repo), "--model", "tiny",
+         "--images", str(tmp_path / "images"), "--quick", "--duration", "0.5", "--procs", "2",
+         "--capacity-clients", "1,4", "--closed-clients", "16", "--open-runs", "2:none,2:1",
+         "--idle-streams", "4", "--sigterm-clients", "8", "--json", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for heading in ("## 1. Capacity", "## 2. Closed loop", "## 3. Open loop", "## 4. Idle streams",
+                    "## 6. SIGTERM", "## Verdict against issue 14"):
+        assert heading in out.stdout, out.stdout
+    assert re.search(r"- \[(met|NOT met|n/a)\] SIGTERM at 8 clients", out.stdout)
+
+    result = json.loads((tmp_path / "bench.json").read_text())
+    meta, res = result["meta"], result["results"]
+    assert meta["model"] == "tiny" and meta["machine"]["cpus"] == os.cpu_count()
+    capacity = res["capacity"]
+    assert [r["clients"] for r in capacity["rows"]] == [1, 4]
+    assert capacity["capacity"] > 0 and capacity["unloaded_p99_ms"] > 0
+    for row in capacity["rows"]:  # no overload here: every call reaches the server and is counted
+        assert row["ok"] > 0 and row["codes"] == {"OK": row["ok"]}
+        assert row["metrics_check"]["equal"], row["metrics_check"]
+        assert row["server"]["peak_rss_mib"] > 10
+        assert row["server"]["images_computed"] >= row["ok"] > 0
+    assert [r["clients"] for r in res["closed"]["rows"]] == [16]
+    assert res["closed"]["rows"][0]["health"]["probes"] > 0
+    assert [(r["factor"], r["deadline_s"]) for r in res["open"]["rows"]] == [(2.0, None), (2.0, 1.0)]
+    for row in res["open"]["rows"]:
+        assert row["calls"] > 0 and row["rate"] == pytest.approx(2 * capacity["capacity"])
+        assert row["server"]["wasted_images"] is not None
+    idle = res["idle"]["rows"]
+    assert [r["streams"] for r in idle] == [0, 4]
+    assert idle[1]["stream_calls"]["requested"] == 4
+    sig = res["sigterm"]
+    assert sig["exit_code"] is not None, "the server did not exit after SIGTERM"
+    assert sig["sent_before_signal"] > 0
+    assert sig["sent_before_signal"] == (sig["ok_before_signal"] + sig["refused_at_once"] + sig["own_deadline"]
+                                         + sig["failed_received_before_signal"])
+    assert {v["met"] for v in res["verdict"]} <= {True, False, None}
+    assert not _alive(meta["server_pid"])
+
+
+@pytest.mark.slow
+def test_bench_overload_interrupted_stops_the_server(service_repo, tmp_path):
+    """Ctrl-C (SIGINT) mid-run: exit 130, and the server it started is gone."""
+    write_images(tmp_path / "images", count=4)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--model-repository", str(service_repo), "--model", "tiny",
+         "--images", str(tmp_path / "images"), "--duration", "20", "--procs", "2", "--scenarios", "capacity"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid, lines = None, []
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            lines.append(line)
+            found = re.search(r"started imgcls serve \(pid (\d+)\)", line)
+            pid = int(found[1]) if found else pid
+            if "capacity:" in line or time.monotonic() > deadline:
+                break
+        assert pid is not None and "capacity:" in "".join(lines), "".join(lines)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=90)
+        assert proc.returncode == 130, stderr[-3000:]
+        assert "interrupted" in stderr
+        assert _gone(pid), "the benchmark left its server running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
