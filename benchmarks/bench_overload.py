@@ -68,6 +68,8 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 REFUSALS = (EXHAUSTED, UNAVAILABLE)
 LAG_LIMIT_MS = 50.0  # open-loop arrivals sent later than this (p99) mean the generator fell behind
+RUNQ_LIMIT_PCT = 10.0  # a generator loop waiting for a CPU longer than this share of a run: machine too busy
+BUSY_LIMIT_PCT = 80.0  # a generator process using more of a core than this is close to being the bottleneck
 FLAG_DRAINING = 1  # the status details say "draining"
 FLAG_BENCH_CANCEL = 2  # the generator cancelled the call at its hard stop (never answered in time)
 
@@ -180,9 +182,8 @@ async def _run_load(spec: dict, target: str, payloads: list[bytes], event: Any) 
             t += rng.expovariate(rate) if spec["poisson"] else 1.0 / rate
             if t >= stop_at:
                 break
-            delay = t - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # behind schedule: still yield, so the calls already started make progress
+            await asyncio.sleep(max(0.0, t - time.monotonic()))
             lags.append(time.monotonic() - t)
             if len(tasks) >= spec["max_outstanding"]:
                 skipped += 1
@@ -216,14 +217,24 @@ def _worker_main(conn: Connection, target: str, payloads: list[bytes], event: An
         spec = conn.recv()
         if spec is None:
             return
-        before = os.times()
+        before, waited = os.times(), _runq_wait_s()
         try:
             result = asyncio.run(_run_load(spec, target, payloads, event))
         except Exception as exc:  # reported to the parent, which fails the run
             result = {"error": f"{type(exc).__name__}: {exc}"}
         after = os.times()
         result["cpu_s"] = (after.user - before.user) + (after.system - before.system)
+        result["runq_wait_s"] = _runq_wait_s() - waited
         conn.send(result)
+
+
+def _runq_wait_s() -> float:
+    """Seconds this thread (the event loop's) has spent runnable but waiting for a CPU: when it grows, the
+    machine is short of CPU for the generator and its timings include that wait."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 async def _ended(calls: list) -> Counter:
@@ -277,6 +288,7 @@ class Run:
     duration: float
     cpu_s: list[float]
     wall_s: float
+    runq_wait_s: list[float] = field(default_factory=list)
     skipped: int = 0
     lag_p99_ms: float | None = None
     lag_max_ms: float | None = None
@@ -322,6 +334,7 @@ class Generator:
         maxes = [r["lag_max_ms"] for r in results if r.get("lag_max_ms") is not None]
         return Run(records=np.concatenate([r["records"] for r in results]), start=start_at, duration=duration,
                    cpu_s=[r["cpu_s"] for r in results], wall_s=time.monotonic() - began,
+                   runq_wait_s=[r["runq_wait_s"] for r in results],
                    skipped=sum(r["skipped"] for r in results), lag_p99_ms=max(lags) if lags else None,
                    lag_max_ms=max(maxes) if maxes else None,
                    examples={k: v for r in results for k, v in r["examples"].items()})
@@ -625,9 +638,13 @@ class Observation:
         self.before = scrape(metrics_url)
         self.hwm_reset = False
         if pid is not None:
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-                self.hwm_reset = True
+            with contextlib.suppress(OSError):
+                fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+                try:
+                    os.write(fd, b"5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+                    self.hwm_reset = True
+                finally:
+                    os.close(fd)
         self.cpu0 = _proc_cpu_s(pid) if pid else None
         self.t0 = time.monotonic()
         self.peak_rss = 0
@@ -734,6 +751,8 @@ def call_figures(run: Run, capacity: float | None = None) -> dict:
         "deadline_exceeded": int(codes.get("DEADLINE_EXCEEDED", 0)),
         "generator_cpu_cores": cores, "generator_busiest_proc_pct": (
             100 * max(run.cpu_s) / run.wall_s if run.cpu_s and run.wall_s else None),
+        "generator_runq_wait_pct": (100 * max(run.runq_wait_s) / run.wall_s
+                                    if run.runq_wait_s and run.wall_s else None),
         "skipped_by_generator": run.skipped, "arrival_lag_p99_ms": run.lag_p99_ms,
         "details_by_code": run.examples,
     }
@@ -1079,6 +1098,15 @@ def verdicts(res: dict) -> list[dict]:
             "the nominal rate, in bursts)" if lagged else "every open-loop run on time")
     checks = [(scenario, r) for scenario in ("capacity", "closed", "open", "idle")
               for r in res.get(scenario, {}).get("rows", [])]
+    waits = [(scenario, r["generator_runq_wait_pct"], r["generator_busiest_proc_pct"]) for scenario, r in checks
+             if r.get("generator_runq_wait_pct") is not None]
+    if waits:
+        worst = max(waits, key=lambda w: w[1])
+        busiest = max(w[2] or 0 for w in waits)
+        add(f"(benchmark itself) generator not short of CPU: run-queue wait <= {RUNQ_LIMIT_PCT:.0f}% and no process "
+            f"above {BUSY_LIMIT_PCT:.0f}% of a core", worst[1] <= RUNQ_LIMIT_PCT and busiest <= BUSY_LIMIT_PCT,
+            f"worst wait {worst[1]:.0f}% of the time ({worst[0]}), busiest generator process {busiest:.0f}% of a "
+            "core (a busy machine inflates every latency measured here)")
     if checks:
         bad = [f"{scenario} {_check(r)}" for scenario, r in checks if r["metrics_check"]["equal"] is False]
         unknown = all(r["metrics_check"]["equal"] is None for _, r in checks)
