@@ -93,6 +93,9 @@ def load_rows(root: Path, rows: list[Row], spec: PreprocessingSpec, source: str,
         except (OSError, ImageDecodeError) as exc:
             skipped.append({"file": rel, "reason": str(exc)})
             continue
+        except Exception as exc:  # one hostile file must never end an export: skip it, say why
+            skipped.append({"file": rel, "reason": f"could not decode ({type(exc).__name__}: {exc})"[:300]})
+            continue
         files.append(rel)
         labels.append(label)
     return Sample(images[:len(files)], np.asarray(labels, np.int64), files, str(root), source, skipped)

@@ -66,7 +66,7 @@ class DecodeLimits:
     max_jpeg_scans: int = 100  # libjpeg re-walks every block once per scan; real encoders use <= ~20
     max_chunks: int = 20_000  # PNG chunks, GIF blocks, WebP chunks: Pillow walks each one in Python
     max_exif_bytes: int = 256 * 1024  # JPEG's APP1 caps real EXIF at 64 KB; PNG/WebP have no cap of their own
-    cost_budget_seconds: float = 0.6
+    cost_budget_seconds: float = 0.8
     memory_budget_bytes: int = 512 * MiB
     cpu_seconds: float = 1.0
     memory_limit_bytes: int = 768 * MiB
@@ -579,12 +579,12 @@ def check_cost(data: bytes, limits: DecodeLimits, target_size: tuple[int, int] |
     """
     header = probe(data, limits)
     cost = estimate_cost(header, target_size, len(data))
-    if cost.cpu_seconds > limits.cost_budget_seconds:
-        raise ImageDecodeError(f"{_describe(header)} would take about {cost.cpu_seconds:.1f} CPU-seconds to decode; "
-                               f"the budget is {limits.cost_budget_seconds:g}")
     if cost.memory_bytes > limits.memory_budget_bytes:
         raise ImageDecodeError(f"{_describe(header)} would need about {cost.memory_bytes // MiB} MiB to decode; "
                                f"the budget is {limits.memory_budget_bytes // MiB} MiB")
+    if cost.cpu_seconds > limits.cost_budget_seconds:
+        raise ImageDecodeError(f"{_describe(header)} would take about {cost.cpu_seconds:.1f} CPU-seconds to decode; "
+                               f"the budget is {limits.cost_budget_seconds:g}")
     return cost
 
 

@@ -178,7 +178,12 @@ def _check_classes(folder: Path, class_names: list[str], by_class: dict[str, lis
 
 def decode_files(root: Path, files: list[str], spec: PreprocessingSpec, *, workers: int | None = None,
                  progress: bool = True) -> list[np.ndarray | str]:
-    """Decode and resize files in a thread pool: a uint8 array per file, or the reason it failed."""
+    """Decode and resize files in a thread pool: a uint8 array per file, or the reason it failed.
+
+    Any exception is a reason, not a crash: the format allowlist and cost budget of `load_uint8` refuse
+    most hostile files, and whatever else Pillow raises (IndexError on a truncated QOI named .png, ...)
+    skips that one file.
+    """
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
     def work(rel: str) -> np.ndarray | str:
@@ -188,6 +193,9 @@ def decode_files(root: Path, files: list[str], spec: PreprocessingSpec, *, worke
             return str(exc)
         except OSError as exc:
             return f"unreadable ({exc.strerror or exc})"
+        except Exception as exc:  # one hostile file must never end a training run: skip it, say why
+            log.warning("decoding %s raised %s: %s", rel, type(exc).__name__, exc)
+            return f"could not decode ({type(exc).__name__}: {exc})"[:300]
 
     with ThreadPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(work, files), total=len(files), desc="decoding images", unit="img",
