@@ -902,14 +902,16 @@ class Bench:
 
 
 def classify_sigterm(run: Run, signalled: float, at_once: float) -> dict:
-    """Calls sent before the signal: OK, refused at once (UNAVAILABLE "draining" within `at_once` of being sent:
-    it reached the server after the signal), the client's own deadline, and failed (anything else: the server had
-    received them). Calls sent after the signal, by code."""
+    """Calls sent before the signal: OK; refused at once (answered within `at_once` of being sent, UNAVAILABLE
+    "draining": it reached the server after the signal, or RESOURCE_EXHAUSTED: refused for load on arrival; either
+    way the server never took it in); the client's own deadline; failed (anything else: the server had received
+    it and did not answer it). Calls sent after the signal, by code."""
     r = run.records
     sent, ended, code, flags = r[:, 0], r[:, 1], r[:, 2].astype(int), r[:, 3].astype(int)
     before = sent < signalled
-    at_once_refused = before & (code == UNAVAILABLE) & (flags & FLAG_DRAINING > 0) & ((ended - sent) <= at_once)
-    late_draining = before & (code == UNAVAILABLE) & (flags & FLAG_DRAINING > 0) & ~at_once_refused
+    fast = (ended - sent) <= at_once
+    draining = (code == UNAVAILABLE) & (flags & FLAG_DRAINING > 0)
+    at_once_refused = before & fast & (draining | (code == EXHAUSTED))
     own_deadline = before & (code == DEADLINE)
     failed = before & (code != OK) & ~at_once_refused & ~own_deadline
 
@@ -917,10 +919,12 @@ def classify_sigterm(run: Run, signalled: float, at_once: float) -> dict:
         return dict(Counter(("CANCELLED(bench)" if f & FLAG_BENCH_CANCEL else CODE_NAMES.get(c, str(c)))
                             + (" draining" if f & FLAG_DRAINING else "")
                             for c, f in zip(code[mask], flags[mask], strict=True)))
+
     return {"sent_before_signal": int(before.sum()), "ok_before_signal": int((before & (code == OK)).sum()),
-            "refused_at_once": int(at_once_refused.sum()), "own_deadline": int(own_deadline.sum()),
+            "refused_at_once": int(at_once_refused.sum()), "refused_at_once_by_code": names(at_once_refused),
+            "own_deadline": int(own_deadline.sum()),
             "failed_received_before_signal": int(failed.sum()), "failed_by_code": names(failed),
-            "draining_after_waiting": int(late_draining.sum()),
+            "draining_after_waiting": int((before & draining & ~fast).sum()),
             "in_flight_at_signal": int((before & (ended > signalled)).sum()),
             "sent_after_signal": int((~before).sum()), "after_signal_by_code": names(~before)}
 
@@ -1025,7 +1029,8 @@ def report(res: dict) -> str:
                            "failed (received before signal)", "draining after waiting", "sent after signal",
                            "health p99 ms / fails", "peak RSS MiB"],
                           [[str(s["exit_code"]), _f(s["drain_s"], ".2f"), str(s["sent_before_signal"]),
-                            str(s["ok_before_signal"]), str(s["in_flight_at_signal"]), str(s["refused_at_once"]),
+                            str(s["ok_before_signal"]), str(s["in_flight_at_signal"]),
+                            f"{s['refused_at_once']} ({_codes(s['refused_at_once_by_code'], ())})",
                             f"{s['failed_received_before_signal']} ({_codes(s['failed_by_code'], ())})",
                             str(s["draining_after_waiting"]),
                             f"{s['sent_after_signal']} ({_codes(s['after_signal_by_code'], ())})",
@@ -1077,7 +1082,8 @@ def verdicts(res: dict) -> list[dict]:
         add(f"SIGTERM at {s['clients']} clients: 0 failed among calls received before the signal",
             s["failed_received_before_signal"] == 0 and s["exit_code"] == 0,
             f"{s['failed_received_before_signal']} failed ({_codes(s['failed_by_code'], ())}), "
-            f"{s['refused_at_once']} refused at once, exit code {s['exit_code']}, drain {s['drain_s']:.2f} s")
+            f"{s['refused_at_once']} refused at once ({_codes(s['refused_at_once_by_code'], ())}), "
+            f"exit code {s['exit_code']}, drain {s['drain_s']:.2f} s")
     for scenario in ("closed", "open", "idle"):
         for r in res.get(scenario, {}).get("rows", []):
             if r.get("health"):
