@@ -90,3 +90,55 @@ def test_class_losing_every_image_to_decode_errors_is_an_error(tmp_path):
 def test_class_weights_balance_rare_classes():
     w = data.class_weights(np.array([0] * 30 + [1] * 10), 2)
     assert w[1] == pytest.approx(3 * w[0]) and w[0] == pytest.approx(40 / 60)
+
+
+def test_any_decode_failure_skips_the_file_not_the_run(tmp_path, monkeypatch):
+    """A 24-byte truncated QOI named .png crashed `imgcls train` with IndexError; now it is listed and skipped,
+    and so is a file on which the decoder raises anything at all."""
+    from test_decoding import qoi_truncated, rle_bmp
+
+    root = make_dataset(tmp_path / "d", classes=2, per_class=6, size=16)
+    (root / "class_0" / "qoi.png").write_bytes(qoi_truncated())
+    (root / "class_1" / "rle.bmp").write_bytes(rle_bmp())
+    (root / "class_1" / "boom.jpg").write_bytes(b"\xff\xd8\xff boom")
+    real = data.load_uint8
+
+    def flaky(raw, spec, **kw):
+        if raw.startswith(b"\xff\xd8\xff boom"):
+            raise IndexError("index out of range (simulated decoder bug)")
+        return real(raw, spec, **kw)
+
+    monkeypatch.setattr(data, "load_uint8", flaky)
+    ds = data.scan(root, val_fraction=0.25, test_fraction=0.25, seed=0)
+    arrays = data.load_images(ds, get_backbone("mobilenet_v2").preprocessing(16), progress=False)
+    skipped = dict(ds.skipped)
+    assert set(skipped) == {"class_0/qoi.png", "class_1/rle.bmp", "class_1/boom.jpg"}
+    assert "QOI images are not accepted" in skipped["class_0/qoi.png"]
+    assert "RLE8-compressed BMP" in skipped["class_1/rle.bmp"]
+    assert "IndexError" in skipped["class_1/boom.jpg"]
+    assert sum(len(a[0]) for a in arrays.values()) == 12
+
+
+def test_export_samples_skip_any_failing_file(tmp_path, monkeypatch):
+    """int8 calibration / check samples: the same rule as the training scan (export/samples.py)."""
+    from test_decoding import qoi_truncated
+
+    from imgcls.export import samples
+
+    root = make_dataset(tmp_path / "d", classes=2, per_class=3, size=16)
+    (root / "class_0" / "qoi.png").write_bytes(qoi_truncated())
+    (root / "class_1" / "boom.jpg").write_bytes(b"\xff\xd8\xff boom")
+    real = samples.load_uint8
+
+    def flaky(raw, spec, **kw):
+        if raw.startswith(b"\xff\xd8\xff boom"):
+            raise IndexError("simulated decoder bug")
+        return real(raw, spec, **kw)
+
+    monkeypatch.setattr(samples, "load_uint8", flaky)
+    rows = [(str(p.relative_to(root)), -1) for p in samples.image_files(root)]
+    sample = samples.load_rows(root, rows, get_backbone("mobilenet_v2").preprocessing(16), "test")
+    reasons = {s["file"]: s["reason"] for s in sample.skipped}
+    assert set(reasons) == {"class_0/qoi.png", "class_1/boom.jpg"}
+    assert "QOI images are not accepted" in reasons["class_0/qoi.png"] and "IndexError" in reasons["class_1/boom.jpg"]
+    assert len(sample) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,14 @@ from PIL import Image
 
 from imgcls.backbones import BACKBONES, get_backbone
 from imgcls.errors import ImageDecodeError, ImgclsError
-from imgcls.preprocessing import PreprocessingSpec, decode_image, load_uint8, normalize, preprocess_bytes
+from imgcls.preprocessing import (
+    DecodeLimits,
+    PreprocessingSpec,
+    decode_image,
+    load_uint8,
+    normalize,
+    preprocess_bytes,
+)
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -134,3 +142,62 @@ def test_unknown_backbone_lists_choices():
     with pytest.raises(ImgclsError, match=r"unknown backbone 'resnet9000'.*mobilenet_v2"):
         get_backbone("resnet9000")
     assert get_backbone("MobileNet-V2").name == "mobilenet_v2"
+
+
+# --- hostile input: the in-process path (training, export) enforces the allowlist and the cost budget --------
+
+
+def test_in_process_decode_refuses_cost_bombs_fast():
+    from test_decoding import many_scan_jpeg, rle_bmp, tall_png
+
+    spec = get_backbone("mobilenet_v2").preprocessing(64)
+    for data, match in ((rle_bmp(), "RLE8-compressed BMP is not accepted"),
+                        (many_scan_jpeg(5000, (128, 128)), "progressive JPEG with more than 100 scans"),
+                        (tall_png(), r"PNG of 1x50000000 would need about \d+ MiB")):
+        start = time.process_time()
+        with pytest.raises(ImageDecodeError, match=match):
+            load_uint8(data, spec)
+        assert time.process_time() - start < 0.2  # the header is enough; nothing is decoded
+
+
+@pytest.mark.parametrize("name", ["XBM", "XPM", "PPM"])
+def test_text_formats_are_not_classified(name):
+    from test_decoding import TEXT_FORMATS
+
+    with pytest.raises(ImageDecodeError, match=f"{name} images are not accepted"):
+        preprocess_bytes(TEXT_FORMATS[name](), get_backbone("mobilenet_v2").preprocessing(32))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_tiff_are_refused(value):
+    from test_decoding import float_tiff
+
+    with pytest.raises(ImageDecodeError, match="floating-point samples"):
+        decode_image(float_tiff(value))
+
+
+def test_format_allowlist_parameter():
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    assert decode_image(png, formats="png,jpeg").size == (8, 8)
+    with pytest.raises(ImageDecodeError, match=r"PNG images are not accepted \(accepted formats: JPEG\)"):
+        decode_image(png, formats=("JPEG",))
+    with pytest.raises(ImageDecodeError, match="not accepted"):
+        load_uint8(png, get_backbone("mobilenet_v2").preprocessing(32), limits=DecodeLimits(formats="gif"))
+    with pytest.raises(TypeError, match="max_pixel"):
+        decode_image(png, max_pixel=5)
+
+
+def test_16bit_grey_conversion_matches_the_float64_formula():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65536, (37, 41), dtype=np.uint16)
+    arr[0, 0] = 65535
+    out = np.asarray(decode_image(encode(Image.fromarray(arr), "PNG")))[..., 0]
+    expected = np.clip(arr.astype(np.float64) * (255.0 / 65535.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_progressive_jpeg_decodes_with_draft():
+    img = Image.effect_noise((300, 200), 40).convert("RGB")
+    prog = encode(img, "JPEG", progressive=True)
+    assert decode_image(prog).size == (300, 200)
+    assert load_uint8(prog, get_backbone("mobilenet_v2").preprocessing(64)).shape == (64, 64, 3)
