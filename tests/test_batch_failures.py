@@ -24,6 +24,8 @@ from imgcls.v1 import inference_pb2 as pb
 
 SLOW, POISON, FLAKY = b"SLOW-FILE", b"POISON-FILE", b"FLAKY-FILE"
 
+pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture (real-server test only)
+
 
 def _folder(root: Path, count: int = 16, special: dict[int, bytes] | None = None) -> Path:
     """`count` files named 00.jpg, 01.jpg, ...; the fake server does not decode, content marks behaviour."""
@@ -242,3 +244,47 @@ def test_codes_no_file_can_fix_stop_the_job(tmp_path, code):
         server.service.fail(code, message="model version gone")
         with pytest.raises(ImgclsError, match=f"the server refused the job: {code.name}"):
             _run(server, folder, tmp_path / "out.jsonl", batch_size=4)
+
+
+@pytest.mark.slow
+def test_real_server_restarted_mid_job(service_repo, tmp_path):
+    """The real server drained and started again on the same port (~2.5 s without a server) while
+    `imgcls batch` runs: every file answered, no error rows, exit 0."""
+    from service_fixtures import running_server, sample_image
+    from test_client_retry import free_port
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(60):
+        (folder / f"{i:03d}.jpg").write_bytes(sample_image(i, size=(32, 32)))
+    out = tmp_path / "out.jsonl"
+    port = free_port()
+    result: list[BatchSummary] = []
+
+    def job() -> None:
+        result.append(BatchJob(BatchConfig(target=f"127.0.0.1:{port}", input=str(folder), output=out, model="tiny",
+                                           progress=False, batch_size=2, concurrency=2, backoff=0.1,
+                                           max_backoff=1.0, timeout=10.0)).run())
+
+    class Slow:  # 60 files take >3 s, so the restart lands in the middle of the job
+        def __init__(self, inner) -> None:
+            self.inner, self.format = inner, inner.format
+
+        def run(self, batch):
+            time.sleep(0.05)
+            return self.inner.run(batch)
+
+    thread = threading.Thread(target=job)
+    with running_server(service_repo, port=port, grace_period=2.0, runtime_hook=lambda entry, rt: Slow(rt)):
+        thread.start()
+        deadline = time.monotonic() + 30
+        while (not out.exists() or out.read_bytes().count(b"\n") < 10) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(1.0)  # nothing listens on the port for a while
+    with running_server(service_repo, port=port):
+        thread.join(60)
+    assert not thread.is_alive()
+    summary = result[0]
+    rows = _rows(out)
+    assert len(rows) == 60 and all("labels" in r for r in rows.values()), summary
+    assert summary.exit_code == EXIT_OK and summary.failed == 0 and summary.retries >= 1
