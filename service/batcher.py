@@ -59,6 +59,7 @@ class Job:
     queue_s: float = field(init=False, default=0.0)  # longest wait of its images, summed over its batches
     infer_s: float = field(init=False, default=0.0)  # the batches it was part of (each counted once)
     done_at: float = field(init=False, default=0.0)  # time.monotonic() when the last image finished
+    admitted_at: float = field(init=False, default_factory=time.monotonic)
     _remaining: int = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
@@ -95,9 +96,12 @@ class _Item:
     index: int
     x: np.ndarray
     enqueued: float
+    waited: float = 0.0  # before it was queued: waiting for a decode worker
 
 
-BatchObserver = Callable[[int, list[float], float], None]  # (batch size, queue waits, inference seconds)
+# (batch size, each image's wait from admission to its batch (decoding itself excluded), inference seconds,
+# images computed for requests that had already failed: cancelled, or past their deadline when it finished)
+BatchObserver = Callable[[int, list[float], float, int], None]
 
 
 class Batcher:
@@ -111,6 +115,7 @@ class Batcher:
         name: str = "model",
         on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
+        on_expired: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay >= 0")
@@ -120,6 +125,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch or (lambda *_: None)
         self._on_depth = on_depth or (lambda _: None)
+        self._on_expired = on_expired or (lambda _: None)
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
@@ -135,24 +141,26 @@ class Batcher:
         return self._pending
 
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
-        """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once."""
+        """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once. A request larger than
+        the whole queue is admitted only into an empty one, so every allowed request size can be served."""
         with self._cond:
             if self._stopping or self._closing:
                 raise ShuttingDown("the model is shutting down")
-            if self._pending + n > self.max_queue_size:
+            if self._pending + n > self.max_queue_size and self._pending > 0:
                 raise QueueFull(f"queue full ({self._pending} of {self.max_queue_size} images waiting)")
             self._pending += n
             depth = self._pending
         self._on_depth(depth)
         return Job(n, deadline, on_done)
 
-    def put(self, job: Job, index: int, x: np.ndarray) -> None:
-        """Queue image `index` of `job` (preprocessed, float32 HxWx3)."""
+    def put(self, job: Job, index: int, x: np.ndarray, waited: float = 0.0) -> None:
+        """Queue image `index` of `job` (preprocessed, float32 HxWx3); `waited`: seconds it already waited
+        for a decode worker, counted in its queue wait."""
         with self._cond:
             if job.cancelled:
                 return
             if not self._stopping:
-                self._queue.append(_Item(job, index, x, time.monotonic()))
+                self._queue.append(_Item(job, index, x, time.monotonic(), waited))
                 self._cond.notify()
                 return
         self.fail(job, index, ShuttingDown("server shutting down"))
@@ -233,13 +241,17 @@ class Batcher:
         while (items := self._next_batch()) is not None:
             now = time.monotonic()
             live = []
+            expired = 0
             for item in items:
                 if item.job.cancelled:
                     continue
                 if item.job.expired(now):  # dropped before compute
+                    expired += 1
                     item.job.set(item.index, DeadlineExceeded("deadline exceeded while queued"))
                 else:
                     live.append(item)
+            if expired:
+                self._on_expired(expired)
             if not live:
                 continue
             start = time.monotonic()
@@ -248,10 +260,12 @@ class Batcher:
             except Exception as exc:  # a runtime failure fails this batch, not the server
                 log.exception("inference failed for a batch of %d", len(live))
                 probs = exc
-            seconds = time.monotonic() - start
-            waits = [start - item.enqueued for item in live]
+            end = time.monotonic()
+            seconds = end - start
+            waits = [start - item.enqueued + item.waited for item in live]
+            wasted = sum(1 for item in live if item.job.cancelled or item.job.expired(end))
             try:
-                self._on_batch(len(live), waits, seconds)
+                self._on_batch(len(live), waits, seconds, wasted)
             except Exception:
                 log.exception("batch observer failed")
             longest: dict[Job, float] = {}

@@ -58,10 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
     _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
     _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
-    _flag(serve, "--grpc-workers", "gRPC handler threads (max calls in progress)", 64, type=int)
+    _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "
+          "health checks are never refused", 1024, type=int)
     _flag(serve, "--max-batch-size", "largest batch the dynamic batcher forms", 32, type=int)
     _flag(serve, "--max-queue-delay-ms", "longest an image waits for its batch to fill", 2.0, type=float)
-    _flag(serve, "--max-queue-size", "images waiting per model before RESOURCE_EXHAUSTED", 256, type=int)
+    _flag(serve, "--max-queue-size", "images admitted per model and not yet in a running batch (decoding or "
+          "queued) before RESOURCE_EXHAUSTED: the admission limit, see docs/overload.md", 16, type=int)
     _flag(serve, "--max-images-per-request", "more is INVALID_ARGUMENT", 64, type=int)
     _flag(serve, "--max-message-bytes", "largest gRPC message, either direction", 64 * 1024 * 1024, type=int)
     _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)
@@ -69,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
           50_000_000, type=int)
     _flag(serve, "--default-top-k", "labels per image when a request does not say", 5, type=int)
     _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
+    _flag(serve, "--stream-idle-timeout", "seconds a stream may stay open with nothing sent and nothing in "
+          "progress before the server closes it (UNAVAILABLE)", 300.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
     _flag(serve, "--verify-checksums", "check artifact sha256 against the manifest at load", "true", type=_bool,
           metavar="BOOL")
@@ -170,12 +174,13 @@ def serve_command(args: argparse.Namespace) -> int:
         runtime=runtime, model_runtimes=per_model, versions=args.version_policy,
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
         poll_interval=args.poll_interval,
-        grpc_workers=args.grpc_workers,
+        max_concurrent_calls=args.max_concurrent_calls,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, default_top_k=args.default_top_k,
-        stream_max_inflight=args.stream_max_inflight, grace_period=args.grace_period,
+        stream_max_inflight=args.stream_max_inflight, stream_idle_timeout=args.stream_idle_timeout,
+        grace_period=args.grace_period,
         verify_checksums=args.verify_checksums,
     )
     if args.inference_threads is not None:

@@ -8,14 +8,13 @@ functions over messages and arrays.
 
 from __future__ import annotations
 
-import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
-from imgcls.service.server import RequestError
+from imgcls.service.core import checked_count, invalid, short
 
 IMAGES = "images"  # BYTES [N] or [N, 1]: encoded images, preprocessed by the server
 PIXELS = "pixels"  # FP32 [N, H, W, 3]: already preprocessed as the manifest says
@@ -23,8 +22,7 @@ PROBABILITIES = "probabilities"  # FP32 [N, C]
 CLASSIFICATION = "classification"  # requested-output parameter (int64): top-k as BYTES [N, k]
 
 
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+_invalid = invalid
 
 
 def split_bytes(raw: bytes) -> list[bytes]:
@@ -58,8 +56,9 @@ class Inputs:
         return len(self.images) if self.images is not None else len(self.pixels)
 
 
-def parse_inputs(request) -> Inputs:
-    """Read `images` or `pixels` from a ModelInferRequest (in `contents` or `raw_input_contents`)."""
+def parse_inputs(request, pixel_shape: Callable[[list[int]], None] | None = None) -> Inputs:
+    """Read `images` or `pixels` from a ModelInferRequest (in `contents` or `raw_input_contents`).
+    `pixel_shape` checks a pixel tensor's declared shape against the model before anything is allocated."""
     if len(request.inputs) != 1:
         raise _invalid(f"{len(request.inputs)} inputs; send exactly one: {IMAGES!r} (BYTES [N], encoded images) "
                        f"or {PIXELS!r} (FP32 [N, H, W, 3], preprocessed)")
@@ -71,11 +70,12 @@ def parse_inputs(request) -> Inputs:
         raise _invalid(f"input {tensor.name!r} has both contents and raw_input_contents")
     shape = list(tensor.shape)
     if not shape or any(d < 0 for d in shape):
-        raise _invalid(f"input {tensor.name!r} has shape {shape}; give every dimension, batch first")
-    count = math.prod(shape)
+        raise _invalid(f"input {short(tensor.name, 64)} has shape {shape[:8]}; give every dimension, batch first")
+    count = checked_count(shape, f"input {short(tensor.name, 64)}")
     if tensor.name == IMAGES:
         if tensor.datatype != "BYTES":
-            raise _invalid(f"input {IMAGES!r} must be BYTES (encoded images), got {tensor.datatype or 'no datatype'}")
+            raise _invalid(f"input {IMAGES!r} must be BYTES (encoded images), got "
+                           f"{short(tensor.datatype, 32) if tensor.datatype else 'no datatype'}")
         if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
             raise _invalid(f"input {IMAGES!r} has shape {shape}; expected [N] or [N, 1]")
         images = split_bytes(raw[0]) if raw else list(tensor.contents.bytes_contents)
@@ -86,17 +86,17 @@ def parse_inputs(request) -> Inputs:
         return Inputs(images=images)
     if tensor.name == PIXELS:
         if tensor.datatype != "FP32":
-            raise _invalid(f"input {PIXELS!r} must be FP32, got {tensor.datatype or 'no datatype'}")
-        if raw:
-            if len(raw[0]) != 4 * count:
-                raise _invalid(f"input {PIXELS!r} has shape {shape} ({4 * count} bytes) but {len(raw[0])} raw bytes")
-            values = np.frombuffer(raw[0], "<f4")
-        else:
-            values = np.asarray(tensor.contents.fp32_contents, np.float32)
-            if values.size != count:
-                raise _invalid(f"input {PIXELS!r} has shape {shape} but {values.size} fp32_contents")
+            raise _invalid(f"input {PIXELS!r} must be FP32, got {short(tensor.datatype, 32) or 'no datatype'}")
+        sent = len(raw[0]) // 4 if raw else len(tensor.contents.fp32_contents)
+        if raw and len(raw[0]) != 4 * count:
+            raise _invalid(f"input {PIXELS!r} has shape {shape[:8]} ({4 * count} bytes) but {len(raw[0])} raw bytes")
+        if not raw and sent != count:
+            raise _invalid(f"input {PIXELS!r} has shape {shape[:8]} but {sent} fp32_contents")
+        if pixel_shape is not None:
+            pixel_shape(shape)
+        values = np.frombuffer(raw[0], "<f4") if raw else np.asarray(tensor.contents.fp32_contents, np.float32)
         return Inputs(pixels=values.reshape(shape).astype(np.float32, copy=False))
-    raise _invalid(f"unknown input {tensor.name!r}; the model takes {IMAGES!r} (BYTES) or {PIXELS!r} (FP32)")
+    raise _invalid(f"unknown input {short(tensor.name, 64)}; the model takes {IMAGES!r} (BYTES) or {PIXELS!r} (FP32)")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def parse_outputs(request) -> list[Output]:
     outputs = []
     for requested in request.outputs:
         if requested.name != PROBABILITIES:
-            raise _invalid(f"unknown output {requested.name!r}; the model has {PROBABILITIES!r}")
+            raise _invalid(f"unknown output {short(requested.name, 64)}; the model has {PROBABILITIES!r}")
         top_k = None
         if CLASSIFICATION in requested.parameters:
             param = requested.parameters[CLASSIFICATION]

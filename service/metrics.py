@@ -24,7 +24,9 @@ class Metrics:
             "imgcls_request_duration_seconds", "Time from receiving a request to sending its response.",
             ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
-            "imgcls_queue_wait_seconds", "Time a preprocessed image waited in the batcher queue.",
+            "imgcls_queue_wait_seconds",
+            "Time an image waited from admission to its batch: for a decode worker and in the batcher queue "
+            "(decoding itself excluded).",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.preprocess_latency = Histogram(
             "imgcls_preprocess_duration_seconds", "Decode, orient, resize and normalize time per image.",
@@ -41,6 +43,12 @@ class Metrics:
         self.images = Counter(
             "imgcls_images", "Images handled, by outcome (OK = classified).",
             ["model", "version", "code"], registry=r)
+        self.wasted_images = Counter(
+            "imgcls_wasted_images", "Images computed for requests that had already failed (cancelled, or past "
+            "their deadline when the batch finished).", ["model"], registry=r)
+        self.expired_images = Counter(
+            "imgcls_expired_images", "Admitted images dropped before compute because their deadline passed.",
+            ["model"], registry=r)
         self.queue_depth = Gauge(
             "imgcls_queue_depth", "Images admitted and waiting for inference (decoding or queued).",
             ["model"], registry=r)

@@ -17,19 +17,14 @@ Signatures (what GetModelMetadata advertises; the README, "TF Serving API", has 
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from imgcls.service import protocols
-from imgcls.service.batcher import Job
-from imgcls.service.server import InferenceServer, LoadedModel, RequestError, error_code
-
-log = logging.getLogger(__name__)
+from imgcls.service.core import Call, Core, RequestError, checked_count, invalid, short
+from imgcls.service.models import LoadedModel
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
@@ -62,76 +57,46 @@ def _dtype_name(value: int) -> str:
     return found.name if found is not None else str(value)
 
 
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclass
-class _Call:
-    """What a handler found out, for the request metrics."""
-
-    model: LoadedModel | None = None
-    job: Job | None = None  # the inference calls' job, for the version's statistics
+_invalid = invalid
 
 
 class TFServing:
-    """The TF Serving methods; all state lives in the InferenceServer."""
+    """Translates TF Serving messages to and from the request path."""
 
-    def __init__(self, server: InferenceServer) -> None:
-        self.s = server
-
-    # --- plumbing ----------------------------------------------------------------------------------------------
-
-    def _handle(self, method: str, body: Callable, request, context: grpc.ServicerContext):
-        """Track the call, map RequestError to its status (as native Predict does), record the metrics."""
-        start, call, code = time.monotonic(), _Call(), grpc.StatusCode.OK
-        label = f"tfserving.{method}"
-        with self.s.track(label):
-            try:
-                self.s.check_accepting()
-                return body(request, context, call, start)
-            except RequestError as exc:
-                code = exc.code
-                context.abort(exc.code, exc.message)
-            except Exception:
-                log.exception("%s failed", label)
-                code = grpc.StatusCode.INTERNAL
-                context.abort(code, "internal error (see the server log)")
-            finally:
-                name, version = call.model.labels if call.model else ("", "")
-                self.s.metrics.requests.labels(label, name, version, code.name).inc()
-                self.s.metrics.request_latency.labels(label, name).observe(time.monotonic() - start)
-                if call.model is not None and method in ("Predict", "Classify"):  # inference calls only
-                    call.model.stats.request(code == grpc.StatusCode.OK, time.monotonic() - start, call.job)
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     def _model_name(self, spec) -> str:
         if spec.name:
             return spec.name
-        if len(self.s.models) == 1:
-            return next(iter(self.s.models))
-        raise _invalid(f"model_spec.name is required; serving: {', '.join(sorted(self.s.models))}")
+        models = self.core.models
+        if len(models) == 1:
+            return next(iter(models))
+        raise _invalid(f"model_spec.name is required; serving: {', '.join(sorted(models))}")
 
     def _resolve(self, spec) -> LoadedModel:
         """model_spec -> a loaded version: `version` if set, else the latest; labels are not supported."""
         name = self._model_name(spec)
         choice = spec.WhichOneof("version_choice")
         if choice == "version_label":
-            raise _invalid(f"model_spec.version_label {spec.version_label!r} is not supported; set model_spec.version "
-                           "or leave it unset for the latest version")
-        latest = self.s.resolve(name, 0)  # NOT_FOUND for an unknown model
+            raise _invalid(f"model_spec.version_label {short(spec.version_label, 64)} is not supported; set "
+                           "model_spec.version or leave it unset for the latest version")
+        latest = self.core.resolve(name, 0)  # NOT_FOUND for an unknown model
         if choice != "version":
             return latest
         version = spec.version.value
+        served = sorted(self.core.models.get(name, {latest.entry.version: latest}))
         if version < 1:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {name!r} has no version {version}; serving: "
-                                                          f"{sorted(self.s.models[name])}")
-        return self.s.resolve(name, version)
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model {short(name)} has no version {version}; serving: {served}")
+        return self.core.resolve(name, version)
 
     @staticmethod
     def _signature(spec, accepted: tuple[str, ...], method: str) -> str:
         name = spec.signature_name or DEFAULT_SIGNATURE
         if name not in accepted:
-            raise _invalid(f"{method}: no signature {spec.signature_name!r}; signatures: {', '.join(accepted)}")
+            raise _invalid(f"{method}: no signature {short(spec.signature_name, 64)}; signatures: "
+                           f"{', '.join(accepted)}")
         return name
 
     def _model_spec(self, model: LoadedModel, signature: str = ""):
@@ -139,28 +104,9 @@ class TFServing:
         spec.version.value = model.entry.version
         return spec
 
-    def _run(self, model: LoadedModel, job, context: grpc.ServicerContext, deadline: float | None) -> np.ndarray:
-        """Wait for a submitted job; probabilities [N, C], or the first failed image fails the request."""
-        self.s.wait(model, job, deadline, context)
-        name, version = model.labels
-        for value in job.results:
-            code = grpc.StatusCode.OK if isinstance(value, np.ndarray) else error_code(value)
-            self.s.metrics.images.labels(name, version, code.name).inc()
-        error = self.s.first_error(job)
-        if error is not None:
-            raise error
-        return np.stack(job.results).astype(np.float32, copy=False)
-
-    def _check_count(self, n: int) -> None:
-        limit = self.s.config.max_images_per_request
-        if n < 1:
-            raise _invalid("no images in the request")
-        if n > limit:
-            raise _invalid(f"{n} images; at most {limit} per request")
-
     # --- PredictionService -------------------------------------------------------------------------------------
 
-    def predict(self, request, context, call: _Call, start: float):
+    async def predict(self, request, context, call: Call):
         call.model = model = self._resolve(request.model_spec)
         signature = self._signature(request.model_spec, PREDICT_SIGNATURES, "Predict")
         if len(request.inputs) != 1:
@@ -169,19 +115,18 @@ class TFServing:
         outputs = (PROBABILITIES, TOP_CLASS)
         unknown = [key for key in request.output_filter if key not in outputs]
         if unknown:
-            raise _invalid(f"output_filter names unknown outputs {unknown}; outputs: {', '.join(outputs)}")
+            raise _invalid(f"output_filter names unknown outputs {[short(u, 64) for u in unknown[:8]]}; "
+                           f"outputs: {', '.join(outputs)}")
         [(key, tensor)] = request.inputs.items()
-        deadline = self.s.call_deadline(context, start)
         if tensor.dtype == DT_STRING:
-            images = _string_values(key, tensor)
-            self._check_count(len(images))
-            job = call.job = self.s.submit(model, images, deadline)
+            result = await self.core.infer(call, model, images=_string_values(key, tensor))
         elif tensor.dtype == DT_FLOAT:
-            job = call.job = self.s.submit_tensors(model, _float_array(key, tensor), deadline)
+            pixels = _float_array(key, tensor, lambda dims: self.core.check_pixel_shape(model, dims))
+            result = await self.core.infer(call, model, pixels=pixels)
         else:
-            raise _invalid(f"input {key!r} has dtype {_dtype_name(tensor.dtype)}; expected DT_STRING (encoded "
-                           "images) or DT_FLOAT ([N, H, W, 3] preprocessed)")
-        probs = self._run(model, job, context, deadline)
+            raise _invalid(f"input {short(key, 64)} has dtype {_dtype_name(tensor.dtype)}; expected DT_STRING "
+                           "(encoded images) or DT_FLOAT ([N, H, W, 3] preprocessed)")
+        probs = result.probabilities()
         response = _msg("tensorflow.serving.PredictResponse")(model_spec=self._model_spec(model, signature))
         wanted = set(request.output_filter or outputs)
         if PROBABILITIES in wanted:
@@ -192,14 +137,11 @@ class TFServing:
             response.outputs[TOP_CLASS].CopyFrom(_string_tensor(top, [len(top)]))
         return response
 
-    def classify(self, request, context, call: _Call, start: float):
+    async def classify(self, request, context, call: Call):
         call.model = model = self._resolve(request.model_spec)
         signature = self._signature(request.model_spec, CLASSIFY_SIGNATURES, "Classify")
-        images = _example_images(request.input)
-        self._check_count(len(images))
-        deadline = self.s.call_deadline(context, start)
-        call.job = self.s.submit(model, images, deadline)
-        probs = self._run(model, call.job, context, deadline)
+        result = await self.core.infer(call, model, images=_example_images(request.input))
+        probs = result.probabilities()
         names = model.entry.manifest.class_names
         result = _msg("tensorflow.serving.ClassificationResult")()
         for row in probs:
@@ -209,14 +151,15 @@ class TFServing:
         return _msg("tensorflow.serving.ClassificationResponse")(
             model_spec=self._model_spec(model, signature), result=result)
 
-    def get_model_metadata(self, request, context, call: _Call, start: float):
+    async def get_model_metadata(self, request, context, call: Call):
         call.model = model = self._resolve(request.model_spec)
         fields = list(request.metadata_field)
         if not fields:
             raise _invalid(f"metadata_field is empty; ask for {SIGNATURE_DEF_FIELD!r}")
         unsupported = [f for f in fields if f != SIGNATURE_DEF_FIELD]
         if unsupported:
-            raise _invalid(f"metadata_field {unsupported} not supported; only {SIGNATURE_DEF_FIELD!r}")
+            raise _invalid(f"metadata_field {[short(u, 64) for u in unsupported[:8]]} not supported; only "
+                           f"{SIGNATURE_DEF_FIELD!r}")
         response = _msg("tensorflow.serving.GetModelMetadataResponse")(model_spec=self._model_spec(model))
         packed = response.metadata[SIGNATURE_DEF_FIELD]
         packed.type_url = SIGNATURE_DEF_MAP_URL
@@ -225,18 +168,18 @@ class TFServing:
 
     # --- ModelService ------------------------------------------------------------------------------------------
 
-    def get_model_status(self, request, context, call: _Call, start: float):
+    async def get_model_status(self, request, context, call: Call):
         spec = request.model_spec
-        failed: dict[str, dict[int, str]] = getattr(self.s, "failed", {})
-        known = sorted(set(self.s.models) | set(failed))
+        models, failed = self.core.models, self.core.failed
+        known = sorted(set(models) | set(failed))
         name = spec.name
         if not name:
             if len(known) != 1:
                 raise _invalid(f"model_spec.name is required; models: {', '.join(known)}")
             name = known[0]
         if name not in known:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no model {name!r}; models: {', '.join(known)}")
-        loaded = self.s.models.get(name, {})
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no model {short(name)}; models: {', '.join(known)}")
+        loaded = models.get(name, {})
         if loaded:
             call.model = loaded[max(loaded)]
         status_cls = _msg("tensorflow.serving.ModelVersionStatus")
@@ -246,11 +189,12 @@ class TFServing:
                                                     status={"error_code": UNKNOWN_ERROR, "error_message": error}))
         choice = spec.WhichOneof("version_choice")
         if choice == "version_label":
-            raise _invalid(f"model_spec.version_label {spec.version_label!r} is not supported")
+            raise _invalid(f"model_spec.version_label {short(spec.version_label, 64)} is not supported")
         if choice == "version":
             if spec.version.value not in statuses:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"model {name!r} has no version {spec.version.value}; versions: {sorted(statuses)}")
+                                   f"model {short(name)} has no version {spec.version.value}; versions: "
+                                   f"{sorted(statuses)}")
             statuses = {spec.version.value: statuses[spec.version.value]}
         return _msg("tensorflow.serving.GetModelStatusResponse")(
             model_version_status=[statuses[v] for v in sorted(statuses)])
@@ -261,10 +205,9 @@ class TFServing:
 
 def _dims(key: str, tensor) -> list[int]:
     if tensor.tensor_shape.unknown_rank:
-        raise _invalid(f"input {key!r} has an unknown rank; give its shape")
+        raise _invalid(f"input {short(key, 64)} has an unknown rank; give its shape")
     dims = [d.size for d in tensor.tensor_shape.dim]
-    if any(d < 0 for d in dims):
-        raise _invalid(f"input {key!r} has shape {dims}; every dimension must be known")
+    checked_count(dims, f"input {short(key, 64)}")
     return dims
 
 
@@ -272,29 +215,31 @@ def _string_values(key: str, tensor) -> list[bytes]:
     """A DT_STRING tensor of encoded images: shape [N], [N, 1] or [] (one image)."""
     dims = _dims(key, tensor)
     if len(dims) > 2 or (len(dims) == 2 and dims[1] != 1):
-        raise _invalid(f"input {key!r} has shape {dims}; encoded images are [N] or [N, 1]")
+        raise _invalid(f"input {short(key, 64)} has shape {dims[:8]}; encoded images are [N] or [N, 1]")
     values = list(tensor.string_val)
-    expected = int(np.prod(dims)) if dims else 1
+    expected = checked_count(dims, f"input {short(key, 64)}")
     if len(values) != expected:
-        raise _invalid(f"input {key!r} has shape {dims} but {len(values)} values")
+        raise _invalid(f"input {short(key, 64)} has shape {dims} but {len(values)} values")
     return values
 
 
-def _float_array(key: str, tensor) -> np.ndarray:
-    """A DT_FLOAT tensor from tensor_content (little-endian) or float_val (one value fills the shape)."""
+def _float_array(key: str, tensor, check_shape: Callable[[list[int]], None]) -> np.ndarray:
+    """A DT_FLOAT tensor from tensor_content (little-endian) or float_val (one value fills the shape);
+    `check_shape` validates the declared shape against the model before anything is allocated."""
     dims = _dims(key, tensor)
-    count = int(np.prod(dims)) if dims else 1
+    check_shape(dims)
+    count = checked_count(dims, f"input {short(key, 64)}")
     if tensor.tensor_content:
         if len(tensor.tensor_content) != 4 * count:
-            raise _invalid(f"input {key!r}: tensor_content has {len(tensor.tensor_content)} bytes, shape {dims} "
-                           f"needs {4 * count}")
+            raise _invalid(f"input {short(key, 64)}: tensor_content has {len(tensor.tensor_content)} bytes, "
+                           f"shape {dims} needs {4 * count}")
         array = np.frombuffer(tensor.tensor_content, dtype="<f4")
     else:
         array = np.asarray(tensor.float_val, dtype=np.float32)
         if len(array) == 1 and count > 1:
             array = np.full(count, array[0], np.float32)
         elif len(array) != count:
-            raise _invalid(f"input {key!r} has shape {dims} but {len(array)} float_val values")
+            raise _invalid(f"input {short(key, 64)} has shape {dims} but {len(array)} float_val values")
     return array.reshape(dims).astype(np.float32, copy=False)
 
 
@@ -360,15 +305,15 @@ def signature_defs(model: LoadedModel):
     return result
 
 
-def handlers(server: InferenceServer) -> list[grpc.GenericRpcHandler]:
+def handlers(core: Core) -> list[grpc.GenericRpcHandler]:
     """The generic handlers `InferenceServer.start` adds for PredictionService and ModelService."""
-    api = TFServing(server)
+    api = TFServing(core)
 
     def unary(service: str, method: str, body: Callable) -> grpc.RpcMethodHandler:
         request_cls, response_cls = protocols.method_types(service, method)
+        behaviour = core.unary(f"tfserving.{method}", body, inference=method in ("Predict", "Classify"))
         return grpc.unary_unary_rpc_method_handler(
-            lambda request, context: api._handle(method, body, request, context),
-            request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+            behaviour, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
 
     return [
         grpc.method_handlers_generic_handler(PREDICTION_SERVICE, {

@@ -8,6 +8,7 @@ publishes versions the way `imgcls export` does: a hidden staging folder renamed
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -237,14 +238,18 @@ def test_request_in_flight_on_the_replaced_version_completes(repo, service_repo)
 
 def test_a_call_that_resolved_the_old_version_can_still_submit_after_the_swap(repo, service_repo):
     """The window between resolve() and submit(): the old version stays until the call ends (call epochs)."""
+    from imgcls.service.core import Call
+
     with running_server(repo) as server:
-        with server.track("test"):
-            old = server.resolve("tiny", 0)
+        core = server.core
+        with core.pin():  # what every call does from arrival to answer
+            old = core.resolve("tiny", 0)
             publish(repo, service_repo / "tiny" / "2", "tiny", 2)
             server.reload()
-            assert server.resolve("tiny", 0).entry.version == 2
-            job = server.submit(old, [IMAGE], None)
-            assert job.done.wait(10) and isinstance(job.results[0], np.ndarray)
+            assert core.resolve("tiny", 0).entry.version == 2
+            call = Call("test", time.monotonic(), None)
+            result = asyncio.run_coroutine_threadsafe(core.infer(call, old, images=[IMAGE]), server._loop).result(10)
+            assert isinstance(result.images[0].probabilities, np.ndarray)
             assert old in server._retiring
         wait_for(lambda: not server._retiring, what="version 1 unloaded after the call ended")
 
