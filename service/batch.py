@@ -456,6 +456,7 @@ class BatchJob:
         finally:
             self.stop.set()
             self.client.close()  # also cancels calls still in flight after an interrupt
+            self.progress.close()  # also when the job never started (a bar is already on the terminal)
 
     def _run(self) -> BatchSummary:
         cfg = self.cfg
@@ -587,7 +588,8 @@ def format_summary(s: BatchSummary) -> str:
     lines = [
         f"batch: {_n(s.files, 'file')} in {s.wall_seconds:.1f} s ({s.images_per_second:.1f} images/s), "
         f"{s.failed} failed, {s.skipped} already answered, {_n(s.duplicates, 'duplicate')}, "
-        f"{_n(s.retries, 'retry', 'retries')}",
+        f"{_n(s.retries, 'retry', 'retries')}"
+        + (f", {_n(s.split_requests, 'request')} split per file" if s.split_requests else ""),
         f"output: {s.output} ({s.format}, {s.output_rows} rows, {s.output_failed} failed); "
         f"model {s.model} v{s.version}",
     ]
