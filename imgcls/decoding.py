@@ -923,7 +923,8 @@ class DecodePool:
         except (OSError, EOFError):
             return self._died(worker)
         start = time.monotonic()
-        buf = bytearray(count * 4 + 1)
+        via_shm = worker.mm is not None and count * 4 <= _SHM_BYTES
+        buf = bytearray(1 if via_shm else count * 4 + 1)  # the reply is a status byte, or the array itself
         while True:
             timeout = _POLL_SECONDS
             if deadline is not None:
@@ -936,7 +937,7 @@ class DecodePool:
                 try:
                     n = worker.conn.recv_bytes_into(buf)
                     reply = memoryview(buf)[:n]
-                except multiprocessing.BufferTooShort as exc:
+                except multiprocessing.BufferTooShort as exc:  # an error message longer than the buffer
                     reply = memoryview(exc.args[0])
                 except (OSError, EOFError):
                     return self._died(worker)
