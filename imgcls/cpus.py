@@ -113,11 +113,12 @@ def _v1_quota(folder: Path) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> tuple[float | None, str]:
+def cgroup_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> tuple[float | None, str]:
     """The smallest CPU quota (in CPUs) over the process's cgroup and its ancestors, and the file it came
-    from; (None, "") when no level sets one."""
-    root = Path(root)
-    own = _own_cgroups(Path(proc_cgroup))
+    from; (None, "") when no level sets one. `root`/`proc_cgroup` default to `CGROUP_ROOT` and
+    `PROC_SELF_CGROUP`, read at call time so that a test can point them at a faked tree."""
+    root = Path(CGROUP_ROOT if root is None else root)
+    own = _own_cgroups(Path(PROC_SELF_CGROUP if proc_cgroup is None else proc_cgroup))
     candidates: list[tuple[Path, object]] = []
     if (root / "cgroup.controllers").is_file() or (root / "cpu.max").is_file():  # v2 (unified) mount
         candidates += [(f, _v2_quota) for f in _ancestors(root, own.get("", "/"))]
@@ -138,13 +139,13 @@ def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP)
     return best
 
 
-def cpu_limits(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP,
-               affinity: int | None = None) -> CpuLimits:
+def cpu_limits(root: Path | None = None, proc_cgroup: Path | None = None, affinity: int | None = None) -> CpuLimits:
+    """The affinity and quota `usable_cpus` decides from; `describe()` is the line to log at start-up."""
     quota, source = cgroup_quota(root, proc_cgroup)
     return CpuLimits(affinity if affinity is not None else affinity_cpus(), quota, source)
 
 
-def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP, affinity: int | None = None) -> int:
+def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None, affinity: int | None = None) -> int:
     """min(CPU affinity, cgroup CPU quota rounded up), at least 1. `root` and `proc_cgroup` let a test fake
     the cgroup file tree; `affinity` overrides the affinity count (tests)."""
     return cpu_limits(root, proc_cgroup, affinity).usable

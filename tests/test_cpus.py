@@ -99,7 +99,19 @@ def test_this_machine():
     assert usable_cpus() == limits.usable
 
 
-def test_service_default_threads_use_it():
+def test_service_default_threads_use_it(tmp_path, monkeypatch):
+    """What `imgcls serve` sizes its inference threads and decode workers from, by default."""
+    import imgcls.cpus
     from imgcls.service.runtimes import default_threads
 
     assert default_threads() == usable_cpus()
+    root = _files(tmp_path / "cg", {"cgroup.controllers": "cpu", "cpu.max": "100000 100000"})
+    monkeypatch.setattr(imgcls.cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(imgcls.cpus, "PROC_SELF_CGROUP", _proc(tmp_path, "0::/\n"))
+    monkeypatch.setattr(imgcls.cpus, "affinity_cpus", lambda: 64)  # a 64-core host, `docker run --cpus 1`
+    assert default_threads() == 1
+    assert "1 usable CPUs: affinity 64, cgroup quota 1 CPUs" in imgcls.cpus.cpu_limits().describe()
+    from imgcls.service.server import ServeConfig
+
+    config = ServeConfig(model_repository=tmp_path)
+    assert (config.inference_threads, config.decode_workers) == (1, 1)  # not 64 and 64
