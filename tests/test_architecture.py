@@ -49,3 +49,52 @@ def test_core_preprocessing_loads_without_tensorflow():
             "print(sorted(m for m in ('tensorflow', 'tf_keras', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- inside the server: one request path, thin front-ends, no cycles (issue 14) -------------------------------
+
+SERVICE = ROOT / "service"
+FRONT_ENDS = ("native", "kserve", "kserve_tensors", "tfserving")
+# The request path and the model lifecycle know nothing of the server that assembles them or of any protocol.
+LOWER_LAYERS = ("core", "streams", "models", "batcher", "lifecycle", "metrics", "statistics", "repository",
+                "runtimes")
+
+
+def _service_imports(name: str) -> set[str]:
+    prefix = "imgcls.service."
+    mods = imported_modules(SERVICE / f"{name}.py")
+    found = {m[len(prefix):].split(".")[0] for m in mods if m.startswith(prefix)}
+    for node in ast.walk(ast.parse((SERVICE / f"{name}.py").read_text())):  # from imgcls.service import x, y
+        if isinstance(node, ast.ImportFrom) and node.module == "imgcls.service":
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_front_ends_only_use_the_request_path_never_the_server_or_each_other():
+    for name in FRONT_ENDS:
+        bad = _service_imports(name) & ({"server", *FRONT_ENDS} - {name, "kserve_tensors"})
+        assert not bad, f"service/{name}.py imports {bad}: a front-end translates through core.py only"
+
+
+def test_request_path_and_lifecycle_import_no_front_end_and_not_the_server():
+    for name in LOWER_LAYERS:
+        bad = _service_imports(name) & {"server", "cli", *FRONT_ENDS}
+        assert not bad, f"service/{name}.py imports {bad}"
+
+
+def test_no_import_cycles_among_service_modules():
+    graph = {path.stem: _service_imports(path.stem) & {p.stem for p in SERVICE.glob("*.py")}
+             for path in SERVICE.glob("*.py")}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*trail, node, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
