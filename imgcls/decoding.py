@@ -56,7 +56,7 @@ class DecodeLimits:
 
     `cost_budget_seconds` and `memory_budget_bytes` bound the *estimated* CPU time and peak memory of one
     decode (checked from the headers, in the caller). `cpu_seconds` and `memory_limit_bytes` are the hard
-    bounds the pool's workers run under, which hold even when the estimate is wrong; they sit above the
+    bounds the pool's workers run under, which hold even when the estimate is wrong; keep them above the
     budgets so that a correctly estimated image is never killed.
     """
 
@@ -67,17 +67,15 @@ class DecodeLimits:
     max_chunks: int = 20_000  # PNG chunks, GIF blocks, WebP chunks: Pillow walks each one in Python
     max_exif_bytes: int = 256 * 1024  # JPEG's APP1 caps real EXIF at 64 KB; PNG/WebP have no cap of their own
     cost_budget_seconds: float = 0.8
-    memory_budget_bytes: int = 512 * MiB
+    memory_budget_bytes: int = 384 * MiB
     cpu_seconds: float = 1.0
-    memory_limit_bytes: int = 768 * MiB
+    memory_limit_bytes: int = 512 * MiB
     wall_seconds: float = 10.0  # a worker stuck without using CPU (it should never be) is killed after this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", parse_formats(self.formats))
         if self.cpu_seconds <= 0 or self.wall_seconds <= 0:
             raise ValueError("cpu_seconds and wall_seconds must be > 0")
-        if self.memory_limit_bytes < self.memory_budget_bytes:
-            raise ValueError("memory_limit_bytes (hard bound) must be at least memory_budget_bytes (estimate)")
 
 
 def parse_formats(formats: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -399,6 +397,7 @@ def _probe_tiff(data: bytes, limits: DecodeLimits) -> ImageHeader:
     if count > 1000:
         raise ImageDecodeError(f"TIFF directory with {count} entries")
     tags: dict[int, list[int]] = {}
+    pieces = 0  # strips or tiles: Pillow loads each one from Python
     for i in range(count):
         off = ifd + 2 + 12 * i
         if off + 12 > n:
@@ -407,6 +406,8 @@ def _probe_tiff(data: bytes, limits: DecodeLimits) -> ImageHeader:
         size = _TIFF_TYPE_SIZE.get(typ, 1) * cnt
         if size > _TIFF_MAX_TAG_BYTES:
             raise ImageDecodeError(f"TIFF tag {tag} holds {size} bytes; at most {_TIFF_MAX_TAG_BYTES} allowed")
+        if tag in (273, 324):  # StripOffsets, TileOffsets
+            pieces = max(pieces, cnt)
         if tag in (256, 257, 258, 259, 262, 277, 284, 339) and typ in (3, 4) and cnt:
             fmt = "H" if typ == 3 else "I"
             where = off + 8 if size <= 4 else struct.unpack_from(end + "I", data, off + 8)[0]
@@ -434,7 +435,9 @@ def _probe_tiff(data: bytes, limits: DecodeLimits) -> ImageHeader:
         raise ImageDecodeError(f"TIFF with {spp} samples per pixel")
     depth = max(bits)
     pil = 2 if spp == 1 and depth == 16 else (1 if spp == 1 else 4)
-    return ImageHeader("TIFF", width, height, spp, depth, pil, alpha=spp in (2, 4),
+    if pieces > limits.max_chunks:
+        raise ImageDecodeError(f"TIFF in {pieces} strips or tiles; at most {limits.max_chunks} allowed")
+    return ImageHeader("TIFF", width, height, spp, depth, pil, alpha=spp in (2, 4), chunks=pieces,
                        compression=_TIFF_COMPRESSION[compression])
 
 
@@ -702,14 +705,25 @@ class _Worker:
                  shm: bool) -> None:
         self.shm_path: str | None = None
         self.mm = None
+        fd = -1
         if shm:
             import mmap
             import tempfile
 
-            fd, self.shm_path = tempfile.mkstemp(prefix="imgcls-decode-", dir="/dev/shm")
             try:
-                os.ftruncate(fd, _SHM_BYTES)
+                fd, self.shm_path = tempfile.mkstemp(prefix="imgcls-decode-", dir="/dev/shm")
+            except OSError as exc:
+                log.warning("no shared memory for decode results (%s); using the pipe", exc)
+                fd = -1
+        if fd >= 0:
+            try:
+                # Reserve the pages now: a full tmpfs must fail here (fall back to the pipe), not SIGBUS later.
+                os.posix_fallocate(fd, 0, _SHM_BYTES)
                 self.mm = mmap.mmap(fd, _SHM_BYTES)
+            except OSError as exc:
+                log.warning("no shared memory for decode results (%s); using the pipe", exc)
+                os.unlink(self.shm_path)
+                self.shm_path = None
             finally:
                 os.close(fd)
         parent, child = ctx.Pipe()
