@@ -69,6 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)
     _flag(serve, "--max-image-pixels", "largest decoded image, width x height (decompression bombs)",
           50_000_000, type=int)
+    _flag(serve, "--image-formats", "image formats accepted, comma-separated (others are INVALID_ARGUMENT before any "
+          "decoder runs; docs/hostile-input.md)", "JPEG,PNG,WEBP,GIF,BMP,TIFF")
+    _flag(serve, "--decode-cpu-seconds", "hard bound on one image's decode; its worker process is killed past it",
+          1.0, type=float)
+    _flag(serve, "--decode-memory-mb", "estimated decode memory of all images being decoded at once", 768, type=int)
+    _flag(serve, "--decode-isolation", "decode in killable worker processes (false: in threads, no hard bound)",
+          "true", type=_bool, metavar="BOOL")
     _flag(serve, "--default-top-k", "labels per image when a request does not say", 5, type=int)
     _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
     _flag(serve, "--stream-idle-timeout", "seconds a stream may stay open with nothing sent and nothing in "
@@ -179,6 +186,8 @@ def serve_command(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, default_top_k=args.default_top_k,
+        image_formats=args.image_formats, decode_cpu_seconds=args.decode_cpu_seconds,
+        decode_memory_mb=args.decode_memory_mb, decode_isolation=args.decode_isolation,
         stream_max_inflight=args.stream_max_inflight, stream_idle_timeout=args.stream_idle_timeout,
         grace_period=args.grace_period,
         verify_checksums=args.verify_checksums,

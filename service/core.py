@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from imgcls.errors import ImageDecodeError
+from imgcls.errors import DecodeAborted, ImageDecodeError
 from imgcls.preprocessing import preprocess_bytes
 from imgcls.service import lifecycle
 from imgcls.service.batcher import Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
@@ -197,6 +197,7 @@ class Core:
         self.accepting = True
         self.loop: asyncio.AbstractEventLoop | None = None
         self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._limits: object | None = None
         self._decode_fn = decode or self._decode_in_thread
         self._inflight = 0
         self._inflight_zero = threading.Condition()
@@ -453,9 +454,8 @@ class Core:
         except ImageDecodeError as exc:
             model.batcher.fail(job, index, exc)
             return
-        except DeadlineExceeded as exc:
-            self.metrics.expired_images.labels(model.entry.name).inc()
-            model.batcher.fail(job, index, exc)
+        except DecodeAborted as exc:
+            model.batcher.fail(job, index, self._aborted(model, exc))
             return
         except Exception as exc:  # Pillow has more ways to fail on hostile input than it documents
             log.warning("preprocessing raised %s: %s", type(exc).__name__, exc)
@@ -466,10 +466,25 @@ class Core:
         job.add_input(seconds)
         model.batcher.put(job, index, x, waited=start - job.admitted_at)
 
+    def _aborted(self, model: LoadedModel, exc: DecodeAborted) -> Exception:
+        """What a decode stopped by the pool means for its image (see imgcls.decoding.DecodePool)."""
+        if exc.reason == "cpu":  # the image's own fault: it cost more than the hard bound
+            return ImageDecodeError(f"the image took too long to decode ({exc}); it is refused")
+        if exc.reason == "cancelled":
+            return Cancelled("request cancelled")
+        if exc.reason == "closed":
+            return ShuttingDown("server shutting down")
+        self.metrics.expired_images.labels(model.entry.name).inc()  # deadline, or no decode memory until it
+        return DeadlineExceeded(f"deadline exceeded while decoding ({exc})")
+
+    def use_thread_decode(self, limits: object) -> None:
+        """Decode in the decode threads themselves (allowlist and cost check, no process isolation)."""
+        self._limits = limits
+        self._decode_fn = self._decode_in_thread
+
     def _decode_in_thread(self, data: bytes, spec, *, deadline: float | None = None,
                           cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
-        return preprocess_bytes(data, spec, max_pixels=self.config.max_image_pixels,
-                                max_bytes=self.config.max_image_bytes)
+        return preprocess_bytes(data, spec, limits=self._limits)
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

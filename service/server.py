@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imgcls.decoding import DEFAULT_FORMATS, DecodeLimits, DecodePool
 from imgcls.errors import ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from imgcls.service import repository, runtimes
@@ -71,6 +72,10 @@ class ServeConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    image_formats: str = ",".join(DEFAULT_FORMATS)  # the allowlist (docs/hostile-input.md)
+    decode_cpu_seconds: float = 1.0  # hard bound on one image's decode: the worker is killed past it
+    decode_memory_mb: int = 768  # estimated decode memory of the images being decoded at once, server-wide
+    decode_isolation: bool = True  # decode in killable worker processes (False: in threads, for debugging)
     default_top_k: int = 5
     stream_max_inflight: int = 32  # requests per stream admitted before the server stops reading it
     stream_idle_timeout: float = 300.0  # seconds a stream may stay open with nothing sent and nothing in flight
@@ -96,6 +101,17 @@ class ServeConfig:
             raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
         if self.stream_idle_timeout <= 0:
             raise ImgclsError("--stream-idle-timeout must be > 0")
+        if self.decode_cpu_seconds <= 0 or self.decode_memory_mb < 1:
+            raise ImgclsError("--decode-cpu-seconds must be > 0 and --decode-memory-mb at least 1")
+        try:
+            self.decode_limits()
+        except ValueError as exc:
+            raise ImgclsError(f"--image-formats {self.image_formats}: {exc}") from None
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(formats=self.image_formats, max_bytes=self.max_image_bytes,
+                            max_pixels=self.max_image_pixels, cpu_seconds=self.decode_cpu_seconds,
+                            cost_budget_seconds=min(0.8, 0.8 * self.decode_cpu_seconds))
 
     def policy(self, model: str) -> repository.VersionPolicy:
         return repository.VersionPolicy.parse(self.model_versions.get(model, self.versions))
@@ -112,7 +128,8 @@ class InferenceServer:
         self.core: Core | None = None
         self.manager = ModelManager(config, self.metrics, runtime_hook=runtime_hook,
                                     batch_hook=lambda batcher, size, seconds: self._observe(batcher, size, seconds))
-        self.core = Core(config, self.manager, self.metrics, config.decode_workers)
+        self.decoder: DecodePool | None = None  # started in start(): worker processes
+        self.core = Core(config, self.manager, self.metrics, config.decode_workers, decode=self._decode)
         self.load_error: BaseException | None = None
         self.port = 0
         self.metrics_port = 0
@@ -124,6 +141,11 @@ class InferenceServer:
         self._httpd = None
         self.health = health.aio.HealthServicer()
         self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
+
+    def _decode(self, data: bytes, spec, *, deadline: float | None, cancelled) -> object:
+        if self.decoder is None:
+            raise ImgclsError("the decode pool is not running")
+        return self.decoder.decode(data, spec, deadline=deadline, cancelled=cancelled)
 
     def _observe(self, batcher, size: int, seconds: float) -> None:
         if self.core is not None:
@@ -195,6 +217,11 @@ class InferenceServer:
         protocol_modules = [importlib.import_module(f"imgcls.service.{name}") for name in PROTOCOLS]
         # health answers for the whole server ("") and for every service on the port
         self._health_names = ("", *(s for module in protocol_modules for s in module.SERVICE_NAMES))
+        if cfg.decode_isolation:
+            self.decoder = DecodePool(cfg.decode_workers, cfg.decode_limits(),
+                                      memory_budget_bytes=cfg.decode_memory_mb * 1024 * 1024)
+        else:
+            self.core.use_thread_decode(cfg.decode_limits())
         self._loop_thread.start()
         address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         self.port = self._on_loop(self._start_grpc(protocol_modules, address))
@@ -293,6 +320,8 @@ class InferenceServer:
                 log.warning("gRPC server stop: %s", exc)
         self.manager.close()
         self.core.close()
+        if self.decoder is not None:
+            self.decoder.close()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
