@@ -51,9 +51,16 @@ MAX_IMAGES = 64
 
 
 def _seeds() -> list[bytes]:
-    """Small valid and nearly valid files of every family to mutate (cheap ones: no cost bombs)."""
-    cases = [c for c in corpus.build() if not c.heavy and len(c.data) < 64 * 1024]
-    return [c.data for c in cases if c.kind in ("good", "mode", "exif", "format", "text-format", "float", "polyglot")]
+    """Small valid and nearly valid files of the cheap families to mutate (no cost bombs, nothing over 64 KiB)."""
+    families = (
+        corpus._good,
+        corpus._modes,
+        corpus._polyglots,
+        corpus._text_formats,
+        corpus._float_tiffs,
+        corpus._other_formats,
+    )
+    return [c.data for c in corpus.collect(families) if len(c.data) < 64 * 1024]
 
 
 SEEDS = _seeds()
