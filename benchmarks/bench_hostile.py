@@ -93,9 +93,11 @@ class Flooder(threading.Thread):
             i += 1
 
 
-def flood_process(target: str, cases: list[corpus.Case], clients: int, stop, results) -> None:
+def flood_process(target: str, model: str, cases: list[corpus.Case], clients: int, stop, results) -> None:
     """The flood, in its own process so the clients' interpreter lock does not delay the timed good request."""
     import grpc
+
+    wire.MODEL = model
 
     channel = grpc.insecure_channel(target, options=wire._channel_options())
     done = threading.Event()
@@ -134,9 +136,18 @@ def run(args: argparse.Namespace) -> dict:
     wire.MODEL = args.model
     cases = worst_inputs()
     server = wire.Server(repo, decode_workers=args.decode_workers, grace_period=args.grace_period).start()
-    result: dict = {"meta": {"host": platform.node(), "python": platform.python_version(), "clients": args.clients,
-                             "duration_s": args.duration, "grace_period_s": args.grace_period,
-                             "hostile_inputs": len(cases), "repository": str(repo), "model": args.model}}
+    result: dict = {
+        "meta": {
+            "host": platform.node(),
+            "python": platform.python_version(),
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "grace_period_s": args.grace_period,
+            "hostile_inputs": len(cases),
+            "repository": str(repo),
+            "model": args.model,
+        }
+    }
     try:
         clients = wire.Clients(server.channel)
         for _ in range(10):  # warm up
@@ -152,8 +163,9 @@ def run(args: argparse.Namespace) -> dict:
         memory.start()
         context = multiprocessing.get_context("spawn")
         stop, results = context.Event(), context.Queue()
-        flood = context.Process(target=flood_process, args=(server.target, cases, args.clients, stop, results),
-                                daemon=True)
+        flood = context.Process(
+            target=flood_process, args=(server.target, args.model, cases, args.clients, stop, results), daemon=True
+        )
         flood.start()
         assert results.get(timeout=120) == "started", "the flood process did not start"
         cpu_before = server.cpu_seconds()
@@ -183,12 +195,21 @@ def run(args: argparse.Namespace) -> dict:
     loaded = prober.latencies
     ratio = percentile(loaded, 99) / percentile(unloaded, 99) if unloaded else float("nan")
     result["rows"] = {
-        "unloaded_p50_ms": percentile(unloaded, 50) * 1000, "unloaded_p99_ms": percentile(unloaded, 99) * 1000,
-        "loaded_p50_ms": percentile(loaded, 50) * 1000, "loaded_p99_ms": percentile(loaded, 99) * 1000,
-        "p99_ratio": ratio, "good_requests": len(loaded), "good_failures": dict(prober.failures),
-        "hostile_requests": sent, "hostile_codes": dict(codes), "server_cpu_s": cpu,
-        "cpu_s_per_hostile_image": cpu / sent if sent else float("nan"), "peak_rss_gib": peak / GiB,
-        "alive_after_flood": alive, "health_after_flood": health, "sigterm_exit_code": exit_code,
+        "unloaded_p50_ms": percentile(unloaded, 50) * 1000,
+        "unloaded_p99_ms": percentile(unloaded, 99) * 1000,
+        "loaded_p50_ms": percentile(loaded, 50) * 1000,
+        "loaded_p99_ms": percentile(loaded, 99) * 1000,
+        "p99_ratio": ratio,
+        "good_requests": len(loaded),
+        "good_failures": dict(prober.failures),
+        "hostile_requests": sent,
+        "hostile_codes": dict(codes),
+        "server_cpu_s": cpu,
+        "cpu_s_per_hostile_image": cpu / sent if sent else float("nan"),
+        "peak_rss_gib": peak / GiB,
+        "alive_after_flood": alive,
+        "health_after_flood": health,
+        "sigterm_exit_code": exit_code,
         "sigterm_exit_s": exit_seconds,
     }
     rows = result["rows"]
@@ -205,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
 def table(result: dict) -> str:
     r = result["rows"]
     lines = [
-        "| measure | value |", "|---|---|",
+        "| measure | value |",
+        "|---|---|",
         f"| good request p50 / p99, unloaded | {r['unloaded_p50_ms']:.1f} / {r['unloaded_p99_ms']:.1f} ms |",
         f"| good request p50 / p99, during the flood | {r['loaded_p50_ms']:.1f} / {r['loaded_p99_ms']:.1f} ms |",
         f"| p99 ratio (goal < 3) | {r['p99_ratio']:.2f} |",
@@ -217,7 +239,9 @@ def table(result: dict) -> str:
         f"| peak RSS (goal < 1.5 GiB) | {r['peak_rss_gib']:.2f} GiB |",
         f"| SIGTERM during the flood: exit code, seconds (grace {result['meta']['grace_period_s']:g} s) | "
         f"{r['sigterm_exit_code']}, {r['sigterm_exit_s']:.1f} s |",
-        "", "| goal | met |", "|---|---|",
+        "",
+        "| goal | met |",
+        "|---|---|",
         *(f"| {goal} | {'yes' if met else 'NO'} |" for goal, met in result["goals"].items()),
     ]
     return "\n".join(lines)

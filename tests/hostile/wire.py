@@ -308,7 +308,9 @@ class Clients:
                     seconds=time.monotonic() - start,
                 )
             if protocol == "kserve":
-                reply = self.model_infer(kserve_images_request(self.kpb, [data], raw=variant % 2 == 1), timeout=timeout)
+                reply = self.model_infer(
+                    kserve_images_request(self.kpb, [data], raw=variant % 2 == 1, model=MODEL), timeout=timeout
+                )
                 probs = kserve_probabilities(reply)
                 return Outcome(
                     protocol,
