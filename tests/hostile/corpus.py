@@ -24,6 +24,7 @@ import random
 import struct
 import sys
 import tarfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -44,6 +45,7 @@ MAX_IMAGE_PIXELS = 50_000_000
 # classified. Set to REJECT here (one place) if the format allowlist leaves TIFF out by default.
 TIFF_EXPECT = ACCEPT
 MB = 1024 * 1024
+FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # archive timestamps: the same bytes on every run
 
 
 @dataclass(frozen=True)
@@ -459,10 +461,10 @@ def _non_images(add: Add) -> None:
     text = "A photo of a cat, honest. Ünïcödé 🐱\n" * 40
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("cat.jpg", jpeg)
+        z.writestr(zipfile.ZipInfo("cat.jpg", FIXED_TIME), jpeg)
     zdeflated = io.BytesIO()
     with zipfile.ZipFile(zdeflated, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("notes.txt", text)
+        z.writestr(zipfile.ZipInfo("notes.txt", FIXED_TIME), text, zipfile.ZIP_DEFLATED)
     tbuf = io.BytesIO()
     with tarfile.open(fileobj=tbuf, mode="w") as t:
         info = tarfile.TarInfo("cat.jpg")
@@ -486,7 +488,7 @@ def _non_images(add: Add) -> None:
         "hex-jpeg": jpeg.hex().encode(),
         "pdf": b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
         b"trailer<</Root 1 0 R>>\n%%EOF\n",
-        "pdf-pillow": encode(photo(401), "PDF"),
+        "pdf-pillow": encode(photo(401), "PDF", creationDate=time.gmtime(0), modDate=time.gmtime(0)),
         "postscript": b"%!PS-Adobe-3.0\n/Times findfont 12 scalefont\nshowpage\n",
         "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\n0 0 moveto 64 48 lineto stroke\n%%EOF\n",
         "zip-with-jpeg": zbuf.getvalue(),
@@ -890,7 +892,7 @@ def _polyglots(add: Add) -> None:
     jpeg, png, gif = encode(img, "JPEG"), encode(img, "PNG"), encode(img, "GIF")
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
-        z.writestr("payload.js", "alert(1)")
+        z.writestr(zipfile.ZipInfo("payload.js", FIXED_TIME), "alert(1)")
     zip_bytes = zbuf.getvalue()
     pdf = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
     html = b"<html><script>alert(document.cookie)</script></html>"
