@@ -881,29 +881,38 @@ class DecodePool:
         threading.Thread(target=self._refill, args=(worker,), name="imgcls-decode-respawn", daemon=True).start()
 
     def _refill(self, dead: _Worker) -> None:
+        """Reap a dead worker and start its replacement (the new spare, or a slot if none was spare).
+
+        Retries with backoff while the pool is open: a slot must never stay empty because one fork failed.
+        """
         dead.reap()
-        if self._closed:
-            return
-        try:
-            worker = self._new_worker()
-        except Exception:  # fork failures (EAGAIN, ENOMEM) must not kill the thread silently
-            log.exception("could not start a decode worker")
-            return
-        ok = worker.wait_ready(120)
-        with self._cond:
-            if not ok or self._closed:
+        delay = 0.1
+        while not self._closed:
+            worker = None
+            try:
+                worker = self._new_worker()
+                ok = worker.wait_ready(120)
+            except Exception:  # fork failures (EAGAIN, ENOMEM) must not end the thread silently
+                log.exception("could not start a decode worker")
+                ok = False
+            with self._cond:
+                if ok and not self._closed:
+                    if self._live < self.workers:
+                        self._idle.append(worker)
+                        self._live += 1
+                        self._cond.notify_all()
+                    elif self._spare is None:
+                        self._spare = worker
+                    else:
+                        worker.kill()
+                    return
+            if worker is not None:
                 worker.kill()
-                if not ok:
-                    log.error("a decode worker failed to start")
+            if self._closed:
                 return
-            if self._live < self.workers:
-                self._idle.append(worker)
-                self._live += 1
-                self._cond.notify_all()
-            elif self._spare is None:
-                self._spare = worker
-            else:
-                worker.kill()
+            log.error("a decode worker failed to start; retrying in %.1f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- the API --
 
