@@ -110,6 +110,15 @@ class ServerGone(Exception):
         self.code = exc.code
 
 
+@dataclass
+class _SplitPass:
+    """Files of a split request sent one by one: whether one already timed out alone (the likely culprit,
+    which gets its error row), and the files that timed out after it (sent again, last)."""
+
+    culprit_seen: bool = False
+    waited: list[tuple[str, bytes]] = field(default_factory=list)
+
+
 class _Stopped(Exception):
     """The job is stopping; the request was not completed (its files stay unanswered)."""
 
@@ -389,15 +398,17 @@ class BatchJob:
             records += self._send(group)
         return _ChunkResult(records)
 
-    def _send(self, group: list[tuple[str, bytes]], server_lost: int = 0) -> list[dict[str, Any]]:
-        """Records for `group`, one request (with retries); see `_failed` for what happens when it fails."""
+    def _send(self, group: list[tuple[str, bytes]], server_lost: int = 0,
+              split: _SplitPass | None = None) -> list[dict[str, Any]]:
+        """Records for `group`, one request (with retries); see `_failed` for what happens when it fails.
+        `split`: the split request this single file comes from (see `_failed`)."""
         what = f"{len(group)} files" if len(group) > 1 else group[0][0]
         try:
             prediction = self._with_retries(lambda: self.client.predict(
                 [data for _, data in group], model=self.model, version=self.cfg.version, top_k=self.top_k,
                 timeout=self.cfg.timeout), what)
         except ServiceError as exc:
-            return self._failed(group, exc, server_lost)
+            return self._failed(group, exc, server_lost, split)
         out = []
         for (path, _), result in zip(group, prediction.results, strict=True):
             if result.error is not None:
@@ -406,12 +417,18 @@ class BatchJob:
                 out.append(ok_record(path, prediction.model, prediction.version, result.labels))
         return out
 
-    def _failed(self, group: list[tuple[str, bytes]], exc: ServiceError, server_lost: int) -> list[dict[str, Any]]:
+    def _failed(self, group: list[tuple[str, bytes]], exc: ServiceError, server_lost: int,
+                split: _SplitPass | None = None) -> list[dict[str, Any]]:
         """A request failed for good. Codes that no file can fix stop the job (exit 2). A request that timed
         out while the server also stopped answering its health check waits for the server and is sent
         again (twice at most: a file that takes the server down with it must not do so forever). Otherwise
         the request is the problem, not the server: several files are split and sent one by one, so one
-        bad or slow file costs only its own row; a single file gets an error row with the reason."""
+        bad or slow file costs only its own row; a single file gets an error row with the reason.
+
+        The first file of a split request to time out alone gets its error row (that is its second timeout).
+        Files after it that time out too get a second chance, alone, after the others: a server that goes on
+        decoding the slow file after the deadline (its first request's decode and its own) can make the next
+        files wait past their deadline too, and they must not be recorded as failed for a neighbour's cost."""
         if exc.code in FATAL:
             raise ImgclsError(f"the server refused the job: {exc}")
         if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and not self._server_healthy():
@@ -425,7 +442,18 @@ class BatchJob:
                 self.split_requests += 1
             self._note("split", f"a request of {len(group)} files failed ({exc.code.name}: {exc.message[:120]}); "
                                 "the server is healthy, so its files are sent one by one")
-            return [record for item in group for record in self._send([item], server_lost)]
+            one_by_one = _SplitPass()
+            records = [record for item in group for record in self._send([item], server_lost, one_by_one)]
+            waited = one_by_one.waited
+            if waited:
+                self._note("second", f"{_n(len(waited), 'file')} of that request timed out alone; sending "
+                                     f"{'it' if len(waited) == 1 else 'them'} once more, last")
+            return records + [record for item in waited for record in self._send([item], server_lost)]
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and split is not None:
+            if split.culprit_seen:  # not the first of its request to time out alone: maybe the first one's victim
+                split.waited.append(group[0])
+                return []
+            split.culprit_seen = True  # the first: the likely culprit, its error row is written below
         path = group[0][0]
         message = exc.message
         if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:

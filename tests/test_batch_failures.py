@@ -86,6 +86,27 @@ def test_a_slow_file_costs_its_own_row_not_the_job(tmp_path, capfd):
     assert len(_rows(out)) == 16 and all("labels" in r for r in _rows(out).values())
 
 
+def test_files_delayed_by_a_slow_neighbour_are_not_recorded_as_failed(tmp_path):
+    """A server that goes on decoding the slow file after the deadline (two decode workers here, both taken:
+    the first request's decode and the file's own) makes the next files wait past their timeout too; they
+    get a second chance after the others, and only the slow file (the first to time out alone) gets an error
+    row."""
+    workers = threading.Semaphore(2)
+
+    def decode(data, context):
+        with workers:
+            time.sleep(4.0 if data == SLOW else 0.01)  # never stops at the deadline, like a Pillow decode
+
+    folder = _folder(tmp_path, count=8, special={0: SLOW})
+    out = tmp_path / "out.jsonl"
+    with fake_server() as server:
+        server.service.on_image = decode
+        summary = _run(server, folder, out, batch_size=8, timeout=1.0)
+    rows = _rows(out)
+    assert [name for name, r in rows.items() if "error" in r] == ["00.jpg"]
+    assert summary.ok == 7 and summary.exit_code == EXIT_FAILED_FILES
+
+
 def test_a_file_that_fails_the_whole_request_is_isolated(tmp_path):
     def poison(data, context):
         if data == POISON:
