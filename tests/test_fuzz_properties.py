@@ -106,6 +106,32 @@ def _decodes_or_refuses(data: bytes, spec: PreprocessingSpec, **limits) -> None:
     assert np.isfinite(x).all(), "non-finite model input from an image"
 
 
+def test_decode_every_light_corpus_case():
+    """The generated corpus replayed through the decoder itself (the server test sends it over the wire): only
+    ImageDecodeError with a reason or a finite array; "reject" cases refused, "accept" cases decoded."""
+    limits = {"max_bytes": corpus.MAX_IMAGE_BYTES, "max_pixels": corpus.MAX_IMAGE_PIXELS}
+    wrong = []
+    for case in corpus.build():
+        if case.heavy:
+            continue
+        try:
+            x = preprocess_bytes(case.data, SPECS[0], **limits)
+        except ImageDecodeError as exc:
+            outcome = corpus.REJECT
+            if not str(exc).strip() or len(str(exc)) > 2048:
+                wrong.append(f"{case.name}: reason of {len(str(exc))} characters")
+        except Exception as exc:
+            wrong.append(f"{case.name}: {type(exc).__name__}: {str(exc)[:150]}")
+            continue
+        else:
+            outcome = corpus.ACCEPT
+            if x.shape != (32, 32, 3) or x.dtype != np.float32 or not np.isfinite(x).all():
+                wrong.append(f"{case.name}: decoded to {x.dtype} {x.shape}, finite {np.isfinite(x).all()}")
+        if case.expect != corpus.ANY and outcome != case.expect:
+            wrong.append(f"{case.name}: expected {case.expect}, got {outcome}")
+    assert not wrong, f"{len(wrong)} cases:\n" + "\n".join(wrong)
+
+
 @FUZZ
 @given(data=st.binary(max_size=4096), spec=st.sampled_from(SPECS))
 def test_decode_any_bytes(data, spec):
@@ -186,7 +212,7 @@ def _refused_cleanly(exc: Exception) -> None:
 
 DIMS = st.one_of(
     st.integers(0, 4),
-    st.sampled_from((SIZE, 3, 64, 65)),
+    st.sampled_from((SIZE, 3, 64, 65, 10_000)),  # [1, 10000, 10000, 3]: 1.2 GB if allocated before checking
     st.integers(-(2**63), -1),
     st.sampled_from((2**31, 2**32, 2**62, 2**63 - 1)),
 )
@@ -206,12 +232,19 @@ def kserve_requests(draw):
 
     request = protocols.message("inference.ModelInferRequest")(model_name=draw(st.sampled_from(("tiny", "", "x"))))
     for _ in range(draw(st.integers(0, 2))):
-        tensor = request.inputs.add(name=draw(NAMES), datatype=draw(DATATYPES), shape=draw(SHAPES))
         kind = draw(st.sampled_from(("none", "bytes", "fp32", "raw-images", "raw-pixels", "raw-noise", "model")))
+        if draw(st.booleans()):  # name and datatype that go together, so the parser gets to the contents
+            name, datatype = ("pixels", "FP32") if kind in ("fp32", "raw-pixels", "model") else ("images", "BYTES")
+        else:
+            name, datatype = draw(NAMES), draw(DATATYPES)
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=draw(SHAPES))
         if kind == "bytes":
             tensor.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=64), max_size=4)))
         elif kind == "fp32":
-            tensor.contents.fp32_contents.extend(draw(st.lists(FLOATS, max_size=64)))
+            values = draw(st.lists(FLOATS, max_size=64))
+            tensor.contents.fp32_contents.extend(values)
+            if draw(st.booleans()):  # a shape that matches the values, so the parser gets past the count
+                tensor.shape[:] = draw(st.sampled_from(([len(values)], [1, len(values)], [1, 1, 1, len(values)])))
         elif kind == "raw-images":
             items = draw(st.lists(st.binary(max_size=32), max_size=4))
             raw = b"".join(struct.pack("<I", len(x)) + x for x in items)
