@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from collections import defaultdict
@@ -66,7 +67,8 @@ def _report(failures: dict[str, list[str]], limit: int = 40) -> str:
     for case, problems in failures.items():
         for problem in problems:
             what = problem.split(": ", 1)[1] if problem.split(": ", 1)[0] in PROTOCOLS else problem
-            groups[what.split("(")[0].split(":")[0].split("'")[0].strip()[:90]].append(f"{case}: {problem}"[:300])
+            key = re.sub(r"\d+(\.\d+)?", "N", what.split("(")[0].split(":")[0].split("'")[0]).strip()[:90]
+            groups[key].append(f"{case}: {problem}"[:300])
     lines = [f"{sum(map(len, groups.values()))} problems in {len(failures)} cases"]
     for key, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"== {key} ({len(items)})")
