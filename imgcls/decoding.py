@@ -556,7 +556,7 @@ def estimate_cost(header: ImageHeader, target_size: tuple[int, int] | None, enco
     if target_size is not None:
         out_h, out_w = target_size
         resize = out_w * dh * 4 + dh * _ROW_OVERHEAD + out_w * out_h * 4  # Pillow resizes horizontally first
-    codec = decoded * 4 if fmt == "WEBP" else 0  # libwebp decodes into its own RGBA buffer, then Pillow copies
+    codec = decoded * 6 if fmt == "WEBP" else 0  # libwebp decodes into its own RGBA buffer, then Pillow copies
     memory = encoded_bytes + pil_bytes + codec + conversions + transpose + resize + header.coef_bytes
     cpu = (encoded_bytes * (_CPU_PER_BYTE[fmt] + (_CPU_PER_PROGRESSIVE_BYTE if header.progressive else 0))
            + decoded * _CPU_PER_DECODED_PIXEL[fmt]
