@@ -119,6 +119,17 @@ class _SplitPass:
     waited: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+class _LostInFlight(ServiceError):
+    """The server went away twice while this request was in flight: maybe it is what takes the server down
+    (a file that gets the pod OOM-killed, say). Split, and a single file gets an error row, so that neither
+    this run nor a resumed one sends it again and again."""
+
+
+# An attempt that fails UNAVAILABLE/CANCELLED after running this long was accepted and then lost (the server
+# died or was stopped with it in flight); refusals (nothing listening, draining) come back in milliseconds.
+LOST_IN_FLIGHT_S = 0.1
+
+
 class _Stopped(Exception):
     """The job is stopping; the request was not completed (its files stay unanswered)."""
 
@@ -336,15 +347,18 @@ class BatchJob:
         except ValueError:  # closed channel: the job is stopping
             raise _Stopped from None
 
-    def _with_retries(self, call: Callable[[], T], what: str = "the server") -> T:
+    def _with_retries(self, call: Callable[[], T], what: str = "the server", count_losses: bool = False) -> T:
         """`call()`, retried with back-off while a later attempt can succeed (UNAVAILABLE, CANCELLED by a
         server shutting down, RESOURCE_EXHAUSTED honouring the server's retry hint), at most `--retries`
         times. Then: ServerGone when the server also fails its health check, else the last error (the
-        request, not the server, is the problem: the caller splits it)."""
+        request, not the server, is the problem: the caller splits it). With `count_losses`, a request that
+        was in flight twice when the server went away raises `_LostInFlight` at once."""
         attempt = 0
+        lost = 0
         while True:
             if self.stop.is_set():
                 raise _Stopped
+            started = time.monotonic()
             try:
                 return call()
             except ServiceError as exc:
@@ -352,6 +366,12 @@ class BatchJob:
                     raise _Stopped from None
                 if not retryable(exc, cancelled_by_us=self.client.closed):
                     raise
+                if (count_losses and exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                        and time.monotonic() - started >= LOST_IN_FLIGHT_S):
+                    lost += 1
+                    if lost >= 2:
+                        raise _LostInFlight(exc.code, f"the server went away twice while this was in flight "
+                                                      f"(last: {exc.message[:200]})") from None
                 if attempt >= self.cfg.retries:
                     if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED and not self._server_healthy():
                         raise ServerGone(exc, self.cfg.retries) from None
@@ -406,7 +426,7 @@ class BatchJob:
         try:
             prediction = self._with_retries(lambda: self.client.predict(
                 [data for _, data in group], model=self.model, version=self.cfg.version, top_k=self.top_k,
-                timeout=self.cfg.timeout), what)
+                timeout=self.cfg.timeout), what, count_losses=True)
         except ServiceError as exc:
             return self._failed(group, exc, server_lost, split)
         out = []
@@ -431,6 +451,7 @@ class BatchJob:
         files wait past their deadline too, and they must not be recorded as failed for a neighbour's cost."""
         if exc.code in FATAL:
             raise ImgclsError(f"the server refused the job: {exc}")
+        lost = isinstance(exc, _LostInFlight)
         if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and not self._server_healthy():
             if server_lost < 2:
                 self._wait_for_server(exc)
@@ -440,8 +461,9 @@ class BatchJob:
         if len(group) > 1:
             with self._lock:
                 self.split_requests += 1
+            reason = "it may be what takes the server down" if lost else "the server is healthy"
             self._note("split", f"a request of {len(group)} files failed ({exc.code.name}: {exc.message[:120]}); "
-                                "the server is healthy, so its files are sent one by one")
+                                f"{reason}, so its files are sent one by one")
             one_by_one = _SplitPass()
             records = [record for item in group for record in self._send([item], server_lost, one_by_one)]
             waited = one_by_one.waited

@@ -107,6 +107,42 @@ def test_files_delayed_by_a_slow_neighbour_are_not_recorded_as_failed(tmp_path):
     assert summary.ok == 7 and summary.exit_code == EXIT_FAILED_FILES
 
 
+def test_a_file_that_takes_the_server_down_gets_an_error_row_and_the_job_goes_on(tmp_path, capfd):
+    """A file that gets the server killed each time it is sent (an OOM kill, say; the server restarts):
+    after the server went away twice with it in flight, its request is split, and the file alone gets an
+    error row, so neither this run nor a resumed one sends it forever."""
+    CRASH = b"CRASH-FILE"
+    folder = _folder(tmp_path, count=8, special={2: CRASH})
+    out = tmp_path / "out.jsonl"
+    server = FakeServer().start()
+    crashes: list[float] = []
+
+    def restart() -> None:
+        server.stop(grace=0)  # everything in flight is lost
+        time.sleep(0.3)
+        server.start()
+
+    def crash(data, context):
+        if data == CRASH:
+            crashes.append(time.monotonic())
+            time.sleep(0.2)  # it was being decoded when the server died
+            threading.Thread(target=restart).start()
+            time.sleep(1)
+
+    server.service.on_image = crash
+    try:
+        summary = _run(server, folder, out, batch_size=4, backoff=0.1, max_backoff=0.5)
+    finally:
+        time.sleep(0.5)
+        server.stop()
+    rows = _rows(out)
+    assert len(rows) == 8 and [name for name, r in rows.items() if "error" in r] == ["02.jpg"]
+    assert "went away twice" in rows["02.jpg"]["error"]["message"]
+    assert summary.exit_code == EXIT_FAILED_FILES and summary.split_requests == 1
+    assert len(crashes) == 4  # twice in its request of 4, twice alone: then never again
+    assert "it may be what takes the server down" in capfd.readouterr().err
+
+
 def test_a_file_that_fails_the_whole_request_is_isolated(tmp_path):
     def poison(data, context):
         if data == POISON:
