@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,6 +99,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; an EXIF block that does not parse means no orientation, not a bad photo.
+
+    Cameras and editors write junk EXIF often enough (the hostile corpus has PNG eXIf and WebP EXIF garbage)
+    that refusing the whole image for it would refuse real photos; the pixels themselves are fine.
+    """
+    try:
+        return ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, OSError, struct.error, KeyError, IndexError, TypeError):
+        return img
+
+
 def decode_image(
     data: bytes,
     *,
@@ -132,8 +145,7 @@ def decode_image(
                 img.draft("RGB", (side, side))
             img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -201,3 +201,13 @@ def test_progressive_jpeg_decodes_with_draft():
     prog = encode(img, "JPEG", progressive=True)
     assert decode_image(prog).size == (300, 200)
     assert load_uint8(prog, get_backbone("mobilenet_v2").preprocessing(64)).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_junk_exif_means_no_orientation_not_a_bad_photo(fmt):
+    img = Image.new("RGB", (30, 20), RED)
+    junk = b"garbage" * 10 if fmt == "PNG" else b"Exif\x00\x00garbage" * 20
+    data = encode(img, fmt, exif=junk)
+    out = decode_image(data)
+    assert out.size == (30, 20)
+    assert np.abs(np.asarray(out)[10, 15].astype(int) - RED).max() < 40
