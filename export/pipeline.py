@@ -20,7 +20,7 @@ import numpy as np
 from imgcls import __version__
 from imgcls.errors import ImgclsError
 from imgcls.manifest import Artifact, Manifest, read_manifest, write_manifest
-from imgcls.runtimes import TREE_METHOD, default_threads
+from imgcls.runtimes import DEFAULT_ORDER, TREE_METHOD, choose_artifact, default_threads
 
 from . import convert, describe, faults, publish, samples
 from .bench import BenchSettings, benchmark
@@ -204,6 +204,8 @@ def run_export(cfg: ExportConfig) -> dict:
     written = read_manifest(path)
     return {"entry": str(path), "name": cfg.name, "version": version, "check_images": len(sample),
             "reference_accuracy": ref_acc, "artifacts": [a.model_dump() for a in written.artifacts],
+            "default_runtime": choose_artifact(written).format if any(
+                a.format in DEFAULT_ORDER for a in written.artifacts) else None,  # what `imgcls serve` runs
             "timings": written.export.get("timings", {})}
 
 

@@ -51,6 +51,7 @@ def test_every_format_is_published_with_passing_checks(entry, tiny_bundle):
     repo, summary = entry
     folder = repo / "tiny" / "1"
     assert summary["version"] == 1 and Path(summary["entry"]) == folder
+    assert summary["default_runtime"] == "tflite"  # the fixed order, whatever this run's benchmark said
     assert sorted(p.name for p in repo.iterdir()) == ["tiny"]  # no staging folder left behind
     manifest = read_manifest(folder)
     bundle = read_manifest(tiny_bundle)
