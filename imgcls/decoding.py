@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgcls.errors import DecodeAborted, ImageDecodeError
+from imgcls.errors import DecodeAborted, DecodeMemoryError, ImageDecodeError
 
 if TYPE_CHECKING:
     from imgcls.preprocessing import PreprocessingSpec
@@ -682,6 +682,10 @@ def _worker_main(conn, cpu_seconds: float, memory_limit: int, test_hooks: bool, 
                 reply, status = b"", b"S"
             else:
                 reply, status = arr.tobytes(), b"K"
+        except DecodeMemoryError:  # after a failed allocation, start afresh rather than trust this heap
+            reply = (f"the image needs more memory to decode than the {memory_limit // MiB} MiB "
+                     "a decode may use").encode()
+            status = b"X"
         except ImageDecodeError as exc:
             reply = str(exc).encode()
         except MemoryError:
@@ -988,12 +992,12 @@ class DecodePool:
         if status == b"K" and len(reply) == count * 4 + 1:
             self._release(worker)
             return np.frombuffer(buf, np.float32, count=count).reshape(h, w, 3)
-        message = bytes(reply[:-1]).decode(errors="replace")
-        if status == b"X":
+        message = bytes(reply[:-1]).decode(errors="replace") or "could not decode the image"
+        if status == b"X":  # the worker exits after a failed allocation; a fresh one takes its place
             self._retire(worker)
-        else:
-            self._release(worker)
-        raise ImageDecodeError(message or "could not decode the image")
+            raise DecodeMemoryError(message)
+        self._release(worker)
+        raise ImageDecodeError(message)
 
     def _died(self, worker: _Worker) -> np.ndarray:
         worker.process.join(1)

@@ -9,6 +9,10 @@ class ImageDecodeError(ImgclsError):
     """Bytes that are not a decodable image, or one too large to decode safely."""
 
 
+class DecodeMemoryError(ImageDecodeError):
+    """The decode ran out of the memory it may use (a decode worker's address-space bound, or the host)."""
+
+
 class ManifestError(ImgclsError):
     """A manifest that is missing, unreadable or does not match the schema; names the field."""
 

@@ -26,7 +26,7 @@ from imgcls.decoding import (
     check_cost,
     resolve_limits,
 )
-from imgcls.errors import ImageDecodeError
+from imgcls.errors import DecodeMemoryError, ImageDecodeError
 
 # Truncated files must fail loudly (and be skipped by the scan), never decode half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -153,7 +153,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"not a decodable image ({exc})") from None
     except MemoryError:
-        raise ImageDecodeError("the image needs more memory to decode than allowed") from None
+        raise DecodeMemoryError("the image needs more memory to decode than allowed") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from None
     except Exception as exc:  # Pillow has more ways to fail on hostile input than it documents

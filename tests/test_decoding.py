@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from imgcls.decoding import DecodeLimits, DecodePool, check_cost, parse_formats, probe
-from imgcls.errors import DecodeAborted, ImageDecodeError
+from imgcls.errors import DecodeAborted, DecodeMemoryError, ImageDecodeError
 from imgcls.preprocessing import PreprocessingSpec, preprocess_bytes
 
 SPEC = PreprocessingSpec(input_size=(32, 32))
@@ -384,10 +384,23 @@ def test_crash_and_memory_bound_are_decode_errors(pool):
     with pytest.raises(ImageDecodeError, match="crashed the decoder"):
         pool.decode(b"IMGCLS-TEST-CRASH", SPEC)
     wait_for_spare(pool)
-    with pytest.raises(ImageDecodeError, match="needs more memory"):
+    with pytest.raises(DecodeMemoryError, match="needs more memory"):
         pool.decode(b"IMGCLS-TEST-ALLOC:%d" % (4 << 30), SPEC)
     wait_for_spare(pool)
     assert pool.decode(encode(Image.new("RGB", (8, 8)), "PNG"), SPEC).shape == (32, 32, 3)
+
+
+def test_memory_bound_holds_when_the_estimate_is_wrong():
+    """With the estimate's budget raised past the hard bound, the worker's RLIMIT_AS still refuses the decode."""
+    img = raw_png(4000, 4000, 8, 6)  # RGBA: ~300 MB to decode and composite onto white
+    limits = DecodeLimits(memory_budget_bytes=4 << 30, cost_budget_seconds=100, cpu_seconds=5,
+                          memory_limit_bytes=64 << 20)
+    with DecodePool(1, limits) as p:
+        with pytest.raises(DecodeMemoryError, match="more memory to decode than the 64 MiB"):
+            p.decode(img, SPEC)
+        assert p.stats()["respawns"] == 1  # the worker that failed an allocation is replaced
+        wait_for_spare(p)
+        assert p.decode(encode(Image.new("RGB", (8, 8)), "PNG"), SPEC).shape == (32, 32, 3)
 
 
 def test_memory_budget_in_flight():
