@@ -541,8 +541,10 @@ def estimate_cost(header: ImageHeader, target_size: tuple[int, int] | None, enco
     dw, dh = math.ceil(header.width / scale), math.ceil(header.height / scale)
     decoded = dw * dh
     raw = header.height * math.ceil(header.width * header.bands * header.bits / 8)
+    # EXIF orientation 5-8 swaps the sides before the resize; the probe does not parse it, so assume the worse
+    rows = max(dw, dh)
     pil_bytes = decoded * header.pil_pixel_bytes + dh * _ROW_OVERHEAD
-    rgb_bytes = decoded * 4 + dh * _ROW_OVERHEAD
+    rgb_bytes = decoded * 4 + rows * _ROW_OVERHEAD
     # Peak copies alive at once: the decoded image, the RGB(A) conversions (alpha is composited onto white
     # through two more full-size RGBA images), and EXIF transpose's copy.
     if header.alpha or (fmt in ("GIF", "PNG") and header.bands == 1):
@@ -555,7 +557,7 @@ def estimate_cost(header: ImageHeader, target_size: tuple[int, int] | None, enco
     resize = 0
     if target_size is not None:
         out_h, out_w = target_size
-        resize = out_w * dh * 4 + dh * _ROW_OVERHEAD + out_w * out_h * 4  # Pillow resizes horizontally first
+        resize = out_w * rows * 4 + rows * _ROW_OVERHEAD + out_w * out_h * 4  # Pillow resizes horizontally first
     codec = decoded * 6 if fmt == "WEBP" else 0  # libwebp decodes into its own RGBA buffer, then Pillow copies
     memory = encoded_bytes + pil_bytes + codec + conversions + transpose + resize + header.coef_bytes
     cpu = (encoded_bytes * (_CPU_PER_BYTE[fmt] + (_CPU_PER_PROGRESSIVE_BYTE if header.progressive else 0))
@@ -563,7 +565,7 @@ def estimate_cost(header: ImageHeader, target_size: tuple[int, int] | None, enco
            + header.scan_blocks * _CPU_PER_BLOCK_SCAN + header.chunks * _CPU_PER_CHUNK
            + decoded * _CPU_PER_CONVERTED_PIXEL * (3 if header.alpha else 1)
            + (raw * _CPU_PER_RAW_BYTE if fmt in ("PNG", "TIFF", "BMP") else 0)
-           + (target_size[1] * dh * _CPU_PER_CONVERTED_PIXEL if target_size else 0))
+           + (target_size[1] * rows * _CPU_PER_CONVERTED_PIXEL if target_size else 0))
     return DecodeCost(header, (dw, dh), cpu, int(memory))
 
 
@@ -609,9 +611,13 @@ _TEST_PREFIX = b"IMGCLS-TEST-"
 _SHM_BYTES = 4 * MiB  # per worker: float32 outputs up to ~590x590x3 come back through shared memory
 
 
-def _vm_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+def _vm_bytes() -> int | None:
+    """This process's address-space size (Linux); None where /proc is missing (the RLIMIT_AS cap is skipped)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
 
 
 def _test_hook(data: bytes, spec: PreprocessingSpec) -> np.ndarray:
@@ -647,10 +653,12 @@ def _worker_main(conn, cpu_seconds: float, memory_limit: int, test_hooks: bool, 
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    address_space = _vm_bytes() + memory_limit
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard == resource.RLIM_INFINITY or hard > address_space:
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    base = _vm_bytes()
+    if base is not None:
+        address_space = base + memory_limit
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard == resource.RLIM_INFINITY or hard > address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     shm = None
     if shm_path:

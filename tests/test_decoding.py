@@ -464,3 +464,12 @@ def test_close_aborts_a_decode_in_flight():
     assert not t.is_alive() and errors and errors[0].reason == "closed"
     with pytest.raises(DecodeAborted):
         p.decode(b"IMGCLS-TEST-SLEEP:0", SPEC)
+
+
+def test_wide_png_that_exif_turns_tall_is_costed_as_tall():
+    """50M x 1 with an EXIF orientation of 6 would be resized as 1 x 50M (a 45 GB intermediate)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = raw_png(50_000_000, 1, 8, 0, extra=_png_chunk(b"eXIf", exif.tobytes()))
+    with pytest.raises(ImageDecodeError, match=r"PNG of 50000000x1 would need about \d+ MiB"):
+        check_cost(data, DecodeLimits(), (224, 224))
