@@ -369,6 +369,62 @@ def test_streams_answer_a_malformed_message_and_go_on(server):
     assert not failures, _report(failures)
 
 
+def test_many_streams_with_a_bad_version_leave_the_server_serving(server):
+    """Issue 15, item 1: 71 streams of one `model_version "²"` message each kept health and inference at
+    DEADLINE_EXCEEDED. Each must be answered with an error and end when its client ends it."""
+    from tritonclient.grpc import service_pb2 as kpb
+
+    message = kpb.ModelInferRequest(model_name="tiny", model_version="²").SerializeToString()
+    call = server.channel.stream_stream(
+        protocol.KSERVE + "ModelStreamInfer", response_deserializer=kpb.ModelStreamInferResponse.FromString
+    )
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        outbox: queue.Queue = queue.Queue()
+        outbox.put(message)
+        responses = call(iter(outbox.get, None), timeout=3 * DEADLINE)
+        try:
+            reply = next(responses)
+            outbox.put(None)
+            rest = list(responses)
+            wrong = None if reply.error_message and not rest else f"answer {reply.error_message[:100]!r}, then {rest}"
+        except grpc.RpcError as exc:
+            wrong = f"{exc.code().name}: {(exc.details() or '')[:100]}"
+        finally:
+            outbox.put(None)
+            responses.cancel()
+        if wrong:
+            with lock:
+                problems.append(f"stream {i}: {wrong}")
+
+    with ThreadPoolExecutor(72) as pool:
+        list(pool.map(one, range(72)))
+    _assert_healthy(server, Clients(server.channel), "72 streams with version '²'")
+    assert not problems, f"{len(problems)} of 72 streams:\n" + "\n".join(problems[:20])
+
+
+def test_sigterm_during_a_flood_of_bombs_exits_within_the_grace_period(service_repo):
+    """SIGTERM while cost bombs are being decoded: the server exits 0 within its grace period (a decode that
+    outlives its request must not hold the process)."""
+    bombs = [c for c in corpus.build() if c.kind == "cost"]
+    with Server(service_repo, grace_period=5.0) as fresh:
+        clients = Clients(fresh.channel)
+        pool = ThreadPoolExecutor(8)
+        try:
+            for i in range(24):
+                pool.submit(clients.classify, PROTOCOLS[i % 3], bombs[i % len(bombs)].data, 30.0, i)
+            time.sleep(1.0)  # the bombs are in the decoders now
+            code, seconds = fresh.terminate(timeout=fresh.grace_period + 20)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        assert code == 0 and seconds <= fresh.grace_period + 2, (
+            f"SIGTERM: exit code {code} after {seconds:.1f} s (grace period {fresh.grace_period:g} s)\n"
+            f"{fresh.log()[-3000:]}"
+        )
+
+
 def test_no_traceback_in_the_server_log(server, clients):
     """Every client mistake above was a clean refusal: nothing in the log looks like a crash."""
     _assert_healthy(server, clients, "the whole suite")
