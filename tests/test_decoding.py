@@ -334,7 +334,7 @@ def test_cpu_bound_kills_a_slow_decode_and_respawns(pool):
     with pytest.raises(DecodeAborted, match=r"CPU-time bound of 0\.3 s") as info:
         pool.decode(b"IMGCLS-TEST-SPIN:30", SPEC)
     assert info.value.reason == "cpu"
-    assert time.monotonic() - start < 3.0  # 0.3 CPU-s on a busy 2-core machine
+    assert time.monotonic() - start < 6.0  # 0.3 CPU-s, on a 2-core machine that may be shared
     assert pool.stats()["respawns"] == before + 1
     assert pool.stats()["live"] == 2  # the spare took the slot at once
     wait_for_spare(pool)
