@@ -10,7 +10,8 @@ served) with a short reason, never INTERNAL/UNKNOWN, good images classified, the
 and no traceback in the server's log.
 
 Each test reports every failing case (grouped by what went wrong), not only the first.
-`IMGCLS_FUZZ_THREADS` (default 4) sets the client threads; docs/fuzzing.md has the rest.
+`IMGCLS_FUZZ_THREADS` (default 4) sets the client threads, `IMGCLS_FUZZ_REPORT_LIMIT` (default 40) the
+failures listed per group; docs/fuzzing.md has the rest.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _assert_healthy(server: Server, clients: Clients, after: str) -> None:
         assert outcome.accepted, f"a good image on {proto} after {after}: {outcome}"
 
 
-def _report(failures: dict[str, list[str]], limit: int = 40) -> str:
+def _report(failures: dict[str, list[str]], limit: int = int(os.environ.get("IMGCLS_FUZZ_REPORT_LIMIT", "40"))) -> str:
     """Failures grouped by problem (the first words of the message), each with its cases."""
     groups: dict[str, list[str]] = defaultdict(list)
     for case, problems in failures.items():
