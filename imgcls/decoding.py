@@ -37,6 +37,8 @@ import numpy as np
 from imgcls.errors import DecodeAborted, DecodeMemoryError, ImageDecodeError
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from imgcls.preprocessing import PreprocessingSpec
 
 log = logging.getLogger(__name__)
@@ -637,7 +639,8 @@ def _test_hook(data: bytes, spec: PreprocessingSpec) -> np.ndarray:
     return np.zeros((h, w, 3), np.float32)
 
 
-def _worker_main(conn, cpu_seconds: float, memory_limit: int, test_hooks: bool, shm_path: str | None) -> None:
+def _worker_main(conn: Connection, cpu_seconds: float, memory_limit: int, test_hooks: bool,
+                 shm_path: str | None) -> None:
     """A decode worker: bounded by the kernel, answers one request at a time until its pipe closes.
 
     ITIMER_PROF (default action: terminate) stops a decode at `cpu_seconds` of CPU time with no Python in
