@@ -135,7 +135,7 @@ def test_metadata_and_list_models(stub):
     meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(model_name="tiny"))
     assert (meta.name, meta.version, list(meta.versions)) == ("tiny", 2, [1, 2])
     assert list(meta.class_names) == TINY_CLASSES
-    assert meta.backbone == "mobilenet_v2" and meta.runtime == "onnx"
+    assert meta.backbone == "mobilenet_v2" and meta.runtime == "tflite"  # the default order: tflite > onnx
     assert set(meta.formats) == {"onnx", "tflite", "tflite-fp16", "tflite-int8", "savedmodel"}
     p = meta.preprocessing
     assert (p.height, p.width, p.mode, p.channel_order) == (32, 32, "tf", "RGB")
@@ -146,7 +146,7 @@ def test_metadata_and_list_models(stub):
     assert _code(exc_info) == grpc.StatusCode.NOT_FOUND
     models = stub.ListModels(pb.ListModelsRequest()).models
     assert [(m.name, list(m.versions), m.num_classes, m.runtime) for m in models] == [
-        ("other", [1], 4, "onnx"), ("tiny", [1, 2], 3, "onnx")]
+        ("other", [1], 4, "onnx"), ("tiny", [1, 2], 3, "tflite")]
 
 
 def test_stream_answers_every_request_and_reports_failures_in_stream(stub, reference):
@@ -280,8 +280,9 @@ def test_metrics_after_traffic(server):
     assert delta("imgcls_queue_wait_seconds_count", model="other") == 2
     assert delta("imgcls_batch_size_sum", model="other") == 2
     assert delta("imgcls_inference_duration_seconds_count", model="other", runtime="onnx") >= 1
-    assert metric(after, "imgcls_model_loaded", model="tiny", version="2", backbone="mobilenet_v2", runtime="onnx") == 1
-    assert metric(after, "imgcls_model_load_duration_seconds", model="tiny", version="2", runtime="onnx") > 0
+    assert metric(after, "imgcls_model_loaded", model="tiny", version="2", backbone="mobilenet_v2",
+                  runtime="tflite") == 1
+    assert metric(after, "imgcls_model_load_duration_seconds", model="tiny", version="2", runtime="tflite") > 0
     assert metric(after, "imgcls_queue_depth", model="other") == 0
     assert metric(after, "imgcls_inflight_requests", method="Predict") == 0
     assert "imgcls_request_duration_seconds_bucket" in after  # histograms, not summaries

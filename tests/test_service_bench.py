@@ -27,5 +27,5 @@ def test_bench_service_smoke(service_repo, tmp_path):
     assert "| (c) server | 4 clients |" in out.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
     assert [r["stage"] for r in result["rows"]].count("(c) server") == 2
-    assert result["meta"]["runtime"] == "onnx"
+    assert result["meta"]["runtime"] == "tflite"  # the default order: tflite > onnx
     assert {"c32_fraction_of_b_best", "c1_p50_minus_b_single_p50_ms"} & set(result["goals"])

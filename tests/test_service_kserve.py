@@ -80,7 +80,7 @@ def test_server_and_model_metadata(client, server):
     meta = client.get_server_metadata()
     assert meta.name == "imgcls" and "classification" in meta.extensions
     model = client.get_model_metadata("tiny")
-    assert (model.name, list(model.versions), model.platform) == ("tiny", ["1", "2"], "onnxruntime_onnx")
+    assert (model.name, list(model.versions), model.platform) == ("tiny", ["1", "2"], "litert_tflite")
     h, w = server.models["tiny"][2].spec.input_size
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
         ("images", "BYTES", [-1, 1]), ("pixels", "FP32", [-1, h, w, 3])]

@@ -116,7 +116,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero_without_tensorflow(serv
 
 
 def test_service_modules_do_not_import_tensorflow(service_repo):
-    """Import every service module, serve the default (ONNX) runtime and answer a request: no TensorFlow."""
+    """Import every service module, serve the default (TFLite) runtime and answer a request: no TensorFlow."""
     code = (
         "import sys\n"
         "import imgcls.service.batcher, imgcls.service.cli, imgcls.service.metrics, imgcls.service.repository\n"
@@ -132,7 +132,7 @@ def test_service_modules_do_not_import_tensorflow(service_repo):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["runtime", "onnx", "False"]
+    assert out.stdout.split() == ["runtime", "tflite", "False"]
 
 
 def test_serve_reports_a_bad_repository_without_traceback(tmp_path):
