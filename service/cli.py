@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--port", "gRPC port (0 = any free port)", 50051, type=int)
     _flag(serve, "--metrics-port", "Prometheus /metrics port (0 = any free port)", 8000, type=int)
     _flag(serve, "--runtime", "artifact format for every model, or NAME=FORMAT per model, comma-separated: "
-          "onnx, tflite, tflite-fp16, tflite-int8, savedmodel; default the fastest full-precision one", "")
+          "onnx, tflite, tflite-fp16, tflite-int8, savedmodel; default the first full-precision one of tflite > onnx > "
+          "savedmodel", "")
     policy_env = os.environ.get("IMGCLS_VERSION_POLICY", os.environ.get("IMGCLS_VERSIONS", "latest"))
     serve.add_argument("--version-policy", "--versions", dest="version_policy", default=policy_env, metavar="POLICY",
                        help="versions of every model to serve: latest, latest:N, all or specific:V1,V2 (env "
