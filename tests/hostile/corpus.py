@@ -867,6 +867,8 @@ def _modes(add: Add) -> None:
     arrays["I"] = Image.fromarray((grey * 1000).astype(np.int32))
     arrays["I;16N"] = Image.frombytes("I;16N", img.size, (grey * 257).astype("=u2").tobytes())
     arrays["F"] = Image.fromarray((grey / 255.0).astype(np.float32))
+    for mode_img in arrays.values():  # RGB->LAB attaches a littlecms profile stamped with the current time
+        mode_img.info.pop("icc_profile", None)
     formats = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
     seen = set()
     for mode, mode_img in arrays.items():
@@ -1180,6 +1182,17 @@ def collect(families) -> tuple[Case, ...]:
     return tuple(cases)
 
 
+def digest(cases: tuple[Case, ...]) -> str:
+    """One SHA-256 over the corpus: two runs (or machines with the same Pillow) generated the same cases."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for case in cases:
+        h.update(f"{case.name}\0{case.expect}\0{len(case.data)}\0".encode())
+        h.update(case.data)
+    return h.hexdigest()
+
+
 def by_name() -> dict[str, Case]:
     return {case.name: case for case in build()}
 
@@ -1192,11 +1205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="List (or write out) the generated hostile-input corpus.")
     parser.add_argument("--list", action="store_true", help="one line per case: name, bytes, expect, kind")
     parser.add_argument("--write", metavar="DIR", help="write each case to DIR/NAME.bin (for other tools)")
+    parser.add_argument("--digest", action="store_true", help="print a SHA-256 of every name, expectation and byte")
     args = parser.parse_args(argv)
     cases = build()
     if args.list:
         for case in cases:
             print(f"{case.name:60s} {len(case.data):>10d} {case.expect:7s} {case.kind}")
+    if args.digest:
+        print(digest(cases))
     if args.write:
         from pathlib import Path
 
