@@ -10,7 +10,9 @@ Prints a Markdown report (the figures in docs/hostile-input.md come from it):
 - the time from a deadline or a cancel to DecodeAborted and the slot being free again;
 - each former cost bomb now (refused in the caller: CPU and peak RSS of a fresh process), and with the
   limits raised so it reaches a worker: wall time to the kill, the worker's CPU time and peak RSS;
-- `--before`: the same bombs through plain Pillow (Image.open + load), as before the fix.
+- `--before`: the same bombs through plain Pillow (Image.open + load), as before the fix;
+- `--fuzz SECONDS`: mutated files of every accepted format decoded in process: only ImageDecodeError may
+  come out, and the worst CPU time of one case is reported.
 """
 
 from __future__ import annotations
@@ -276,6 +278,58 @@ def bench_bombs(before: bool, tmp: Path) -> dict:
     return result
 
 
+def bench_fuzz(seconds: float, seed: int = 7) -> dict:
+    """Mutate small files of every accepted format (byte sets, fake markers, truncations, insertions) and
+    decode them in process: only ImageDecodeError may come out; report the worst CPU time of one case."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from test_decoding import many_scan_jpeg
+
+    from imgcls.errors import ImageDecodeError
+
+    spec = PreprocessingSpec(input_size=(32, 32))
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8))
+
+    def enc(fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    seeds = [enc(f) for f in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")] + [
+        enc("JPEG", progressive=True), enc("TIFF", compression="tiff_lzw"), enc("WEBP", lossless=True),
+        many_scan_jpeg(50, (64, 64))]
+    worst, cases, other = 0.0, 0, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        data = bytearray(seeds[rng.integers(len(seeds))])
+        for _ in range(rng.integers(1, 10)):
+            op, pos = rng.integers(4), rng.integers(0, len(data))
+            if op == 0:
+                data[pos] = rng.integers(256)
+            elif op == 1:
+                data[pos:pos + 2] = bytes([0xFF, rng.integers(256)])
+            elif op == 2:
+                data = data[:pos]
+            else:
+                data[pos:pos] = bytes(rng.integers(0, 256, rng.integers(1, 8), dtype=np.uint8))
+            if not data:
+                break
+        t = time.process_time()
+        try:
+            preprocess_bytes(bytes(data), spec)
+        except ImageDecodeError:
+            pass
+        except Exception as exc:  # what this run is looking for
+            other.append(f"{type(exc).__name__}: {str(exc)[:100]}")
+        worst = max(worst, time.process_time() - t)
+        cases += 1
+    return {"seconds": seconds, "cases": cases, "worst_cpu_s": round(worst, 3), "other_exceptions": len(other),
+            "examples": other[:5]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=Path.home() / ".keras/datasets/flower_photos")
@@ -283,6 +337,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", action="store_true", help="also run the bombs through plain Pillow")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "respawn", "abort", "bombs"])
+    parser.add_argument("--fuzz", type=float, default=0, metavar="SECONDS",
+                        help="also mutate-and-decode for this long (in process)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     report: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
@@ -306,6 +362,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             report["bombs"] = bench_bombs(args.before, Path(tmp))
         print(json.dumps({"bombs": report["bombs"]}, indent=1), flush=True)
+    if args.fuzz:
+        import warnings
+
+        warnings.simplefilter("ignore")  # Pillow warns on every truncated TIFF
+        report["fuzz"] = bench_fuzz(args.fuzz)
+        print(json.dumps({"fuzz": report["fuzz"]}, indent=1), flush=True)
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
