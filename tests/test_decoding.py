@@ -473,3 +473,13 @@ def test_wide_png_that_exif_turns_tall_is_costed_as_tall():
     data = raw_png(50_000_000, 1, 8, 0, extra=_png_chunk(b"eXIf", exif.tobytes()))
     with pytest.raises(ImageDecodeError, match=r"PNG of 50000000x1 would need about \d+ MiB"):
         check_cost(data, DecodeLimits(), (224, 224))
+
+
+def test_spawn_start_method_works_too():
+    """Where forkserver is unavailable the pool uses spawn (slower to start, same behaviour)."""
+    data = encode(Image.new("RGB", (30, 20), (9, 99, 199)), "PNG")
+    with DecodePool(1, start_method="spawn", _test_hooks=True) as p:
+        np.testing.assert_array_equal(p.decode(data, SPEC), preprocess_bytes(data, SPEC))
+        with pytest.raises(DecodeAborted) as info:
+            p.decode(b"IMGCLS-TEST-SLEEP:30", SPEC, deadline=time.monotonic() + 0.1)
+        assert info.value.reason == "deadline"
