@@ -468,8 +468,8 @@ class Core:
 
     def _aborted(self, model: LoadedModel, exc: DecodeAborted) -> Exception:
         """What a decode stopped by the pool means for its image (see imgcls.decoding.DecodePool)."""
-        if exc.reason == "cpu":  # the image's own fault: it cost more than the hard bound
-            return ImageDecodeError(f"the image took too long to decode ({exc}); it is refused")
+        if exc.reason in ("cpu", "timeout", "killed"):  # the image's own fault: past a hard bound, or crashed
+            return ImageDecodeError(f"the image could not be decoded within the server's limits ({exc})")
         if exc.reason == "cancelled":
             return Cancelled("request cancelled")
         if exc.reason == "closed":
