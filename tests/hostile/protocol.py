@@ -403,6 +403,17 @@ def calls() -> tuple[Call, ...]:
         tf_predict(key="input", dtype=DT_FLOAT, dims=[2**32, 2**32, 1, 1], floats=[0.5]),
     )
     tf("float-shape-overflow-int64", [IA], tf_predict(key="input", dtype=DT_FLOAT, dims=[2**62, 2**62, 4], floats=[1]))
+    # np.prod wraps to 0: no values "match", then the reshape fails (issue 15, item 3: INTERNAL)
+    tf(
+        "float-shape-2pow32-2pow32-1-1-no-values",
+        [IA],
+        tf_predict(key="input", dtype=DT_FLOAT, dims=[2**32, 2**32, 1, 1]),
+    )
+    tf(
+        "float-shape-2pow32-2pow32-1-1-empty-content",
+        [IA],
+        tf_predict(key="input", dtype=DT_FLOAT, dims=[2**32, 2**32, 1, 1], content=b""),
+    )
     tf(
         "float-fill-one-value",
         [OK],
