@@ -114,6 +114,33 @@ class Models(Protocol):
     epochs: lifecycle.CallEpochs
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse as its message becomes, so the request path can answer it
+    INVALID_ARGUMENT and count it (a deserializer that raises makes gRPC answer UNKNOWN and log a traceback)."""
+
+    message_type: str
+    error: str
+
+
+def parser(request_cls: type) -> Callable[[bytes], Any]:
+    """The request deserializer every front-end registers: the message, or `Malformed`."""
+    name = request_cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return request_cls.FromString(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError and friends
+            return Malformed(name, type(exc).__name__)
+
+    return parse
+
+
+def check_parsed(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise invalid(f"the request is not a valid {request.message_type} message ({request.error})")
+
+
 @dataclass
 class Image:
     """One image's outcome: probabilities [C] or the error that stopped it."""
@@ -284,6 +311,7 @@ class Core:
             error: RequestError | None = None
             async with self.call(method, context, inference=inference) as call:
                 try:
+                    check_parsed(request)
                     if admit:
                         self.check_accepting()
                     return await handler(request, context, call)
@@ -296,6 +324,14 @@ class Core:
             await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
 
         return behaviour
+
+    def unary_handler(self, method: str, request_cls: type, response_cls: type,
+                      handler: Callable[[Any, Any, Call], Awaitable[Any]], *, admit: bool = True,
+                      inference: bool = False) -> grpc.RpcMethodHandler:
+        """`unary` as a registered gRPC method (lenient parser, response serializer)."""
+        return grpc.unary_unary_rpc_method_handler(
+            self.unary(method, handler, admit=admit, inference=inference),
+            request_deserializer=parser(request_cls), response_serializer=response_cls.SerializeToString)
 
     # --- admission ----------------------------------------------------------------------------------------------
 
@@ -411,8 +447,7 @@ class Core:
         except asyncio.CancelledError:  # the client went away: free its slots, drop its queued images
             model.batcher.cancel(job)
             raise
-        result = Result(model, [Image(v, None) if isinstance(v, np.ndarray) else Image(None, v)
-                                for v in job.results])
+        result = Result(model, [_image(v) for v in job.results])
         name, version = model.labels
         for image in result.images:
             self.metrics.images.labels(name, version, image.code.name).inc()
@@ -430,6 +465,10 @@ class Core:
         self.check_count(len(batch))
         if not np.isfinite(batch).all():
             raise invalid("preprocessed input holds NaN or infinite values")
+        bound = _input_bound(model.spec)
+        if np.abs(batch).max() > bound:
+            raise invalid(f"preprocessed input holds values beyond +-{bound:g}, far outside what the model's "
+                          f"preprocessing produces ({model.spec.mode} mode); preprocess as the manifest says")
 
     def check_pixel_shape(self, model: LoadedModel, shape: list[int]) -> None:
         """Before allocating a tensor a client describes: its shape must be [N, H, W, 3] for this model with
@@ -488,6 +527,22 @@ class Core:
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _image(value: object) -> Image:
+    if not isinstance(value, np.ndarray):
+        return Image(None, value if isinstance(value, BaseException) else RuntimeError(str(value)))
+    if not np.isfinite(value).all():  # never an answer: a broken artifact, not the client's fault
+        log.error("the model returned non-finite scores for an image")
+        return Image(None, RuntimeError("the model returned non-finite scores"))
+    return Image(value)
+
+
+def _input_bound(spec) -> float:
+    """A generous bound on preprocessed values: twice the largest magnitude `spec` gives a uint8 pixel,
+    plus 1. Inputs beyond it are not images and can drive a model's softmax to NaN."""
+    ends = [abs((v * spec.scale - m) / s) for v in (0.0, 255.0) for m, s in zip(spec.mean, spec.std, strict=True)]
+    return 2 * max(ends) + 1
 
 
 def _resolve_future(future: asyncio.Future) -> None:

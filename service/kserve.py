@@ -198,15 +198,12 @@ def handlers(core: Core) -> list[grpc.GenericRpcHandler]:
     """The generic handler the server registers (see `server.PROTOCOLS`)."""
     service = Service(core)
     unadmitted = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "RepositoryIndex")  # health-like
-    methods = {}
-    for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                 "ModelConfig", "ModelStatistics", "RepositoryIndex"):
-        request_cls, response_cls = protocols.method_types(SERVICE, name)
-        methods[name] = grpc.unary_unary_rpc_method_handler(
-            core.unary(name, getattr(service, name), admit=name not in unadmitted, inference=name == "ModelInfer"),
-            request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
-    request_cls, response_cls = protocols.method_types(SERVICE, "ModelStreamInfer")
-    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        streams.behaviour(core, "ModelStreamInfer", service.stream_message, service.stream_error),
-        request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+    methods = {
+        name: core.unary_handler(name, *protocols.method_types(SERVICE, name), getattr(service, name),
+                                 admit=name not in unadmitted, inference=name == "ModelInfer")
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+                     "ModelConfig", "ModelStatistics", "RepositoryIndex")}
+    methods["ModelStreamInfer"] = streams.handler(
+        core, "ModelStreamInfer", *protocols.method_types(SERVICE, "ModelStreamInfer"), service.stream_message,
+        service.stream_error)
     return [grpc.method_handlers_generic_handler(SERVICE, methods)]

@@ -94,20 +94,14 @@ def _failed_versions(failed: dict[int, str]) -> list[pb.FailedVersion]:
 
 def handlers(core: Core) -> list[grpc.GenericRpcHandler]:
     api = Native(core)
-    ser = {name: (getattr(pb, m.input_type.name).FromString, getattr(pb, m.output_type.name).SerializeToString)
-           for name, m in pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name.items()}
-
-    def unary(name: str, behaviour) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=ser[name][0],
-                                                   response_serializer=ser[name][1])
-
+    types = {name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+             for name, m in pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name.items()}
     methods = {
-        "Predict": unary("Predict", core.unary("Predict", api.predict, inference=True)),
-        "GetModelMetadata": unary("GetModelMetadata", core.unary("GetModelMetadata", api.metadata)),
-        "ListModels": unary("ListModels", core.unary("ListModels", api.list_models)),
-        "PredictStream": grpc.stream_stream_rpc_method_handler(
-            streams.behaviour(core, "PredictStream", api.stream_message, api.stream_error),
-            request_deserializer=ser["PredictStream"][0], response_serializer=ser["PredictStream"][1]),
+        "Predict": core.unary_handler("Predict", *types["Predict"], api.predict, inference=True),
+        "GetModelMetadata": core.unary_handler("GetModelMetadata", *types["GetModelMetadata"], api.metadata),
+        "ListModels": core.unary_handler("ListModels", *types["ListModels"], api.list_models),
+        "PredictStream": streams.handler(core, "PredictStream", *types["PredictStream"], api.stream_message,
+                                         api.stream_error),
     }
-    assert set(methods) == set(ser), "every imgcls.v1 method has a handler"
+    assert set(methods) == set(types), "every imgcls.v1 method has a handler"
     return [grpc.method_handlers_generic_handler(SERVICE_NAME, methods)]

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from imgcls.service.core import Call, Core, RequestError
+from imgcls.service.core import Call, Core, Malformed, RequestError, check_parsed, parser
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ OnError = Callable[[Any, RequestError, Call], Any]  # (message, error, its call)
 
 
 async def pump(core: Core, method: str, requests: AsyncIterator, context: grpc.aio.ServicerContext, *,
-               handle: Handle, on_error: OnError, max_inflight: int, idle_timeout: float) -> AsyncIterator:
-    """Answer a stream's messages (see the module docstring); an async generator of responses."""
+               handle: Handle, on_error: OnError, max_inflight: int, idle_timeout: float,
+               empty: Callable[[], Any] | None = None) -> AsyncIterator:
+    """Answer a stream's messages (see the module docstring); an async generator of responses. `empty` makes
+    the blank message a malformed one is answered as (its fields unreadable)."""
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
     window = asyncio.Semaphore(max_inflight)
@@ -48,10 +50,13 @@ async def pump(core: Core, method: str, requests: AsyncIterator, context: grpc.a
         try:
             async with core.call(method, context, track=False, inference=True) as call:
                 try:
+                    check_parsed(message)
                     with core.pin():
                         response = await handle(message, call)
                 except RequestError as exc:
                     call.code = exc.code
+                    if isinstance(message, Malformed) and empty is not None:
+                        message = empty()
                     response = on_error(message, exc, call)
                 except asyncio.CancelledError:
                     raise
@@ -112,7 +117,7 @@ async def pump(core: Core, method: str, requests: AsyncIterator, context: grpc.a
         await context.abort(end.code, end.message)
 
 
-def behaviour(core: Core, method: str, handle: Handle, on_error: OnError):
+def behaviour(core: Core, method: str, handle: Handle, on_error: OnError, empty: Callable[[], Any] | None = None):
     """A gRPC stream-stream behaviour: the stream is tracked (drain waits for it) and refused while the server
     drains or loads; its messages go through `pump`."""
 
@@ -124,7 +129,16 @@ def behaviour(core: Core, method: str, handle: Handle, on_error: OnError):
                 await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
             cfg = core.config
             async for response in pump(core, method, requests, context, handle=handle, on_error=on_error,
-                                       max_inflight=cfg.stream_max_inflight, idle_timeout=cfg.stream_idle_timeout):
+                                       max_inflight=cfg.stream_max_inflight, idle_timeout=cfg.stream_idle_timeout,
+                                       empty=empty):
                 yield response
 
     return stream
+
+
+def handler(core: Core, method: str, request_cls: type, response_cls: type, handle: Handle,
+            on_error: OnError) -> grpc.RpcMethodHandler:
+    """`behaviour` as a registered gRPC stream-stream method (lenient parser, response serializer)."""
+    return grpc.stream_stream_rpc_method_handler(
+        behaviour(core, method, handle, on_error, request_cls), request_deserializer=parser(request_cls),
+        response_serializer=response_cls.SerializeToString)

@@ -310,10 +310,8 @@ def handlers(core: Core) -> list[grpc.GenericRpcHandler]:
     api = TFServing(core)
 
     def unary(service: str, method: str, body: Callable) -> grpc.RpcMethodHandler:
-        request_cls, response_cls = protocols.method_types(service, method)
-        behaviour = core.unary(f"tfserving.{method}", body, inference=method in ("Predict", "Classify"))
-        return grpc.unary_unary_rpc_method_handler(
-            behaviour, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+        return core.unary_handler(f"tfserving.{method}", *protocols.method_types(service, method), body,
+                                  inference=method in ("Predict", "Classify"))
 
     return [
         grpc.method_handlers_generic_handler(PREDICTION_SERVICE, {
