@@ -224,6 +224,25 @@ def running_server(repo: Path, runtime_hook=None, wait: bool = True, **overrides
         server.stop()
 
 
+@contextmanager
+def gated_server(repo: Path, model: str = "tiny", **overrides) -> Iterator:
+    """`running_server` whose `model` runs behind a GatedRuntime (warm-up calls forgotten); yields (server, gate)
+    and opens the gate on exit."""
+    gates: dict[str, GatedRuntime] = {}
+
+    def hook(entry, runtime):
+        gates[entry.name] = GatedRuntime(runtime)
+        return gates[entry.name]
+
+    with running_server(repo, runtime_hook=hook, **overrides) as server:
+        gate = gates[model]
+        gate.reset()
+        try:
+            yield server, gate
+        finally:
+            gate.gate.set()
+
+
 def client_for(server, **kwargs):
     from imgcls.service.client import Client
 

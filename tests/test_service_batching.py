@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_fixtures import (
-    GatedRuntime,
     Reference,
     client_for,
+    gated_server,
     metric,
     running_server,
     sample_image,
@@ -129,18 +129,9 @@ def test_lone_image_is_not_held_for_the_queue_delay():
 @pytest.fixture
 def gated(service_repo):
     """A server whose `tiny` model runs behind a gate, with a 1-image batch and a 2-image queue."""
-    runtimes: dict[str, GatedRuntime] = {}
-
-    def hook(entry, runtime):
-        runtimes[entry.name] = GatedRuntime(runtime)
-        return runtimes[entry.name]
-
-    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=2,
-                        max_images_per_request=2, max_queue_delay_ms=0) as server:
-        gate = runtimes["tiny"]
-        gate.reset()
+    with gated_server(service_repo, max_batch_size=1, max_queue_size=2, max_images_per_request=2,
+                      max_queue_delay_ms=0) as (server, gate):
         yield server, gate
-        gate.gate.set()
 
 
 def _future(stub, image: bytes, timeout: float = 20):

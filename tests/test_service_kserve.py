@@ -15,6 +15,7 @@ from service_fixtures import (
     GatedRuntime,
     Reference,
     client_for,
+    gated_server,
     metric,
     running_server,
     sample_image,
@@ -285,17 +286,9 @@ def _wait_for(condition, timeout: float = 20.0) -> bool:
 
 
 def test_cancelled_stream_frees_its_slots_and_is_no_longer_in_flight(service_repo):
-    gates: dict[str, GatedRuntime] = {}
-
-    def hook(entry, runtime):
-        gates[entry.name] = GatedRuntime(runtime)
-        return gates[entry.name]
-
     # Room for all three in the queue: with exactly 2, the third could be refused before the first left it.
-    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=4,
-                        max_images_per_request=2, max_queue_delay_ms=0) as server:
-        gate = gates["tiny"]
-        gate.reset()
+    with gated_server(service_repo, max_batch_size=1, max_queue_size=4, max_images_per_request=2,
+                      max_queue_delay_ms=0) as (server, gate):
         gate.gate.clear()
         request_cls, response_cls = protocols.method_types(SERVICE, "ModelStreamInfer")
         try:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fixtures import GatedRuntime, metric, running_server, sample_image, scrape
+from service_fixtures import gated_server, metric, running_server, sample_image, scrape
 
 from imgcls.service import protocols
 from imgcls.service.core import RETRY_AFTER_KEY
@@ -45,18 +45,8 @@ def _total_requests(text: str) -> float:
 @pytest.fixture
 def gated(service_repo):
     """The `tiny` model behind a gate; one image per batch, two images admitted."""
-    runtimes: dict[str, GatedRuntime] = {}
-
-    def hook(entry, runtime):
-        runtimes[entry.name] = GatedRuntime(runtime)
-        return runtimes[entry.name]
-
-    with running_server(service_repo, runtime_hook=hook, max_batch_size=1, max_queue_size=2,
-                        max_queue_delay_ms=0) as server:
-        gate = runtimes["tiny"]
-        gate.reset()
+    with gated_server(service_repo, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=0) as (server, gate):
         yield server, gate
-        gate.gate.set()
 
 
 def _idle_stream(channel: grpc.Channel, stop: threading.Event):
@@ -198,8 +188,10 @@ def test_images_computed_for_a_request_that_already_failed_are_counted_wasted(ga
     gate.gate.clear()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InferenceStub(channel)
-        with pytest.raises(grpc.RpcError) as exc_info:  # in the model when its deadline passes
-            stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[0]]), timeout=0.3)
+        call = stub.Predict.future(pb.PredictRequest(model_name="tiny", images=[IMAGES[0]]), timeout=2)
+        assert gate.entered.wait(5)  # in the model when its deadline passes
+        with pytest.raises(grpc.RpcError) as exc_info:
+            call.result()
         assert exc_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         gate.gate.set()
         wait_for(lambda: metric(scrape(server), "imgcls_wasted_images_total", model="tiny") == 1,
