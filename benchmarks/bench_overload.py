@@ -1248,6 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)  # `kill` of the benchmark cleans up like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         server = None
