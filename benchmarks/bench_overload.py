@@ -67,6 +67,7 @@ DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 REFUSALS = (EXHAUSTED, UNAVAILABLE)
+MAX_CALLS_PER_CLIENT = 1_000_000  # a closed-loop client's calls in one run, whatever happens
 LAG_LIMIT_MS = 50.0  # open-loop arrivals sent later than this (p99) mean the generator fell behind
 RUNQ_LIMIT_PCT = 10.0  # a generator loop waiting for a CPU longer than this share of a run: machine too busy
 BUSY_LIMIT_PCT = 80.0  # a generator process using more of a core than this is close to being the bottleneck
@@ -166,7 +167,9 @@ async def _run_load(spec: dict, target: str, payloads: list[bytes], event: Any) 
 
         async def client(k: int) -> None:
             i = offset + k
-            while not flag.set and time.monotonic() < stop_at:
+            for _ in range(MAX_CALLS_PER_CLIENT):  # bounded in calls as well as in time
+                if flag.set or time.monotonic() >= stop_at:
+                    break
                 code = await _call(methods[k % len(methods)], payloads[i % len(payloads)], timeout, records,
                                    examples)
                 i += step
