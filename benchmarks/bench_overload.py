@@ -296,6 +296,7 @@ class Run:
     lag_p99_ms: float | None = None
     lag_max_ms: float | None = None
     examples: dict = field(default_factory=dict)
+    kind: str = "closed"
 
     @property
     def stop(self) -> float:
@@ -340,7 +341,8 @@ class Generator:
                    runq_wait_s=[r["runq_wait_s"] for r in results],
                    skipped=sum(r["skipped"] for r in results), lag_p99_ms=max(lags) if lags else None,
                    lag_max_ms=max(maxes) if maxes else None,
-                   examples={k: v for r in results for k, v in r["examples"].items()})
+                   examples={k: v for r in results for k, v in r["examples"].items()},
+                   kind=next(spec["kind"] for spec in specs if spec is not None))
 
     def closed(self, clients: int, duration: float, deadline: float | None, drain: float,
                refusal_pause: float = 0.0) -> Run:
@@ -734,14 +736,22 @@ class Observation:
 
 
 def call_figures(run: Run, capacity: float | None = None) -> dict:
-    """Generator-side figures: goodput counts OK answers that arrived inside the measured window; latencies
-    are over the calls sent inside it (admitted = OK answers; refusals = RESOURCE_EXHAUSTED / UNAVAILABLE)."""
+    """Generator-side figures (admitted = OK answers; refusals = RESOURCE_EXHAUSTED / UNAVAILABLE).
+
+    Closed loop: the calls sent inside the measured window; goodput counts the OK answers that arrived inside
+    it (the calls still out at its end would otherwise add up to one per client). Open loop: every call, since
+    each was an arrival scheduled inside the window, even one a busy generator sent late; goodput is the OK
+    answers over the window's length, i.e. the offered rate times the share answered OK."""
     r = run.records
     sent, ended, code, flags = r[:, 0], r[:, 1], r[:, 2].astype(int), r[:, 3].astype(int)
     latency_ms = (ended - sent) * 1000
-    window = (sent >= run.start) & (sent < run.stop)
     ok = code == OK
-    goodput = float(np.sum(ok & (ended >= run.start) & (ended <= run.stop))) / run.duration
+    if run.kind == "open":
+        window = np.ones(len(r), dtype=bool)
+        goodput = float(np.sum(ok)) / run.duration
+    else:
+        window = (sent >= run.start) & (sent < run.stop)
+        goodput = float(np.sum(ok & (ended >= run.start) & (ended <= run.stop))) / run.duration
     refused = window & np.isin(code, REFUSALS) & (flags & FLAG_BENCH_CANCEL == 0)
     codes = Counter(("CANCELLED(bench)" if f & FLAG_BENCH_CANCEL else CODE_NAMES.get(c, str(c)))
                     for c, f in zip(code[window], flags[window], strict=True))
