@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imgcls.cpus import cpu_limits
 from imgcls.decoding import DEFAULT_FORMATS, DecodeLimits, DecodePool
 from imgcls.errors import ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -232,6 +233,8 @@ class InferenceServer:
         self.metrics_port = self._httpd.server_port
         log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model(s)",
                  cfg.host, self.port, cfg.host, self.metrics_port, len(on_disk))
+        log.info("CPUs: %s; %d inference thread(s) per model, %d decode worker(s)",
+                 cpu_limits().describe(), cfg.inference_threads, cfg.decode_workers)
         threading.Thread(target=self._loader, name="model-loader", daemon=True).start()
         return self
 
