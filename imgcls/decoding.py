@@ -640,7 +640,7 @@ def _test_hook(data: bytes, spec: PreprocessingSpec) -> np.ndarray:
 
 
 def _worker_main(conn: Connection, cpu_seconds: float, memory_limit: int, test_hooks: bool,
-                 shm_path: str | None) -> None:
+                 shm_path: str | None, nice: int = 0) -> None:
     """A decode worker: bounded by the kernel, answers one request at a time until its pipe closes.
 
     ITIMER_PROF (default action: terminate) stops a decode at `cpu_seconds` of CPU time with no Python in
@@ -656,6 +656,8 @@ def _worker_main(conn: Connection, cpu_seconds: float, memory_limit: int, test_h
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nice:
+        os.nice(nice)
     base = _vm_bytes()
     if base is not None:
         address_space = base + memory_limit
@@ -717,7 +719,7 @@ class _Worker:
     """One worker process, its pipe and (with the shm transport) its output buffer."""
 
     def __init__(self, ctx: multiprocessing.context.BaseContext, limits: DecodeLimits, test_hooks: bool,
-                 shm: bool) -> None:
+                 shm: bool, nice: int = 0) -> None:
         self.shm_path: str | None = None
         self.mm = None
         fd = -1
@@ -744,7 +746,7 @@ class _Worker:
         parent, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, name="imgcls-decode", daemon=True,
                                    args=(child, limits.cpu_seconds, limits.memory_limit_bytes, test_hooks,
-                                         self.shm_path))
+                                         self.shm_path, nice))
         self.process.start()
         child.close()
         self.conn = parent
@@ -794,7 +796,8 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, limits: DecodeLimits | None = None, *, memory_budget_bytes: int | None = None,
-                 start_method: str | None = None, transport: str = "shm", _test_hooks: bool = False) -> None:
+                 start_method: str | None = None, transport: str = "shm", nice: int = 0,
+                 _test_hooks: bool = False) -> None:
         if workers < 1:
             raise ValueError("a decode pool needs at least one worker")
         if transport not in ("shm", "pipe"):
@@ -809,6 +812,7 @@ class DecodePool:
         if method == "forkserver":
             self._ctx.set_forkserver_preload(["imgcls.preprocessing", "imgcls.decoding"])
         self._test_hooks = _test_hooks
+        self.nice = nice  # workers run this much nicer than the caller (the server keeps its I/O loop ahead)
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._spare: _Worker | None = None
@@ -824,7 +828,7 @@ class DecodePool:
         self._idle, self._spare, self._live = started[:workers], started[workers], workers
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._ctx, self.limits, self._test_hooks, self.transport == "shm")
+        return _Worker(self._ctx, self.limits, self._test_hooks, self.transport == "shm", self.nice)
 
     # -- waiting helpers (called with self._cond held) --
 

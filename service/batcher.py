@@ -15,6 +15,7 @@ so a lone client pays no batching delay. Under load, images queue up while the p
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -129,6 +130,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
+        self._running = 0  # images in the batch being computed
+        self.per_image = 0.0  # seconds of model time per image, moving average of recent batches
+        self.nice = 0  # the batcher thread (and the runtime's threads it wakes) run this much nicer
         self._stopping = False
         self._closing = False  # close(): refuse new requests, finish the admitted ones
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -139,6 +143,18 @@ class Batcher:
     @property
     def depth(self) -> int:
         return self._pending
+
+    def observe(self, size: int, seconds: float) -> None:
+        """Fold one batch's time into the per-image cost (the warm-up seeds it)."""
+        sample = seconds / max(1, size)
+        if self.per_image:  # one stalled batch (a pause, a test's gate) moves the estimate 4x at most
+            sample = min(sample, 4 * self.per_image)
+        self.per_image = sample if self.per_image == 0 else 0.8 * self.per_image + 0.2 * sample
+
+    def expected_wait(self) -> float:
+        """Seconds until the images admitted so far (queued, decoding, and the batch running) are computed:
+        what a new request would wait before its own batch starts."""
+        return (self._pending + self._running) * self.per_image
 
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
         """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once. A request larger than
@@ -233,19 +249,27 @@ class Batcher:
             for item in items:
                 item.job.reserved -= 1
             self._pending -= len(items)
+            self._running = len(items)
             depth = self._pending
         self._on_depth(depth)
         return items
 
     def _loop(self) -> None:
+        if self.nice:
+            try:
+                os.nice(self.nice)  # Linux: this thread's niceness only
+            except OSError as exc:
+                log.warning("batcher thread priority unchanged: %s", exc)
         while (items := self._next_batch()) is not None:
             now = time.monotonic()
+            # An image whose deadline passes before this batch can finish is dropped now, not computed for nothing.
+            finish = now + len(items) * self.per_image
             live = []
             expired = 0
             for item in items:
                 if item.job.cancelled:
                     continue
-                if item.job.expired(now):  # dropped before compute
+                if item.job.expired(finish):  # dropped before compute
                     expired += 1
                     item.job.set(item.index, DeadlineExceeded("deadline exceeded while queued"))
                 else:
@@ -253,6 +277,7 @@ class Batcher:
             if expired:
                 self._on_expired(expired)
             if not live:
+                self._running = 0
                 continue
             start = time.monotonic()
             try:
@@ -262,6 +287,9 @@ class Batcher:
                 probs = exc
             end = time.monotonic()
             seconds = end - start
+            self.observe(len(live), seconds)
+            with self._cond:
+                self._running = 0
             waits = [start - item.enqueued + item.waited for item in live]
             wasted = sum(1 for item in live if item.job.cancelled or item.job.expired(end))
             try:

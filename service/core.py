@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -198,37 +199,24 @@ class Call:
     code: grpc.StatusCode = grpc.StatusCode.OK
 
 
-@dataclass
-class _Throughput:
-    """Seconds per image of recent full-ish batches (EWMA), to tell whether a deadline can be met."""
-
-    per_image: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def observe(self, size: int, seconds: float) -> None:
-        with self.lock:
-            sample = seconds / max(1, size)
-            self.per_image = sample if self.per_image == 0 else 0.8 * self.per_image + 0.2 * sample
-
-
 class Core:
     """The request path shared by every protocol. State it reads (`models`, `ready`, `accepting`) belongs to
     the server's lifecycle; the core never changes it."""
 
     def __init__(self, config: Limits, models: Models, metrics: Metrics, decode_workers: int,
-                 decode: Callable[..., np.ndarray] | None = None) -> None:
+                 decode: Callable[..., np.ndarray] | None = None, nice: int = 0) -> None:
         self.config = config
         self.lifecycle = models
         self.metrics = metrics
         self.ready = threading.Event()
         self.accepting = True
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode",
+                                               initializer=(lambda: os.nice(nice)) if nice else None)
         self._limits: object | None = None
         self._decode_fn = decode or self._decode_in_thread
         self._inflight = 0
         self._inflight_zero = threading.Condition()
-        self._throughput: dict[int, _Throughput] = {}
 
     @property
     def models(self) -> dict[str, dict[int, LoadedModel]]:
@@ -390,7 +378,7 @@ class Core:
         batcher = model.batcher
         if deadline is not None:
             left = deadline - time.monotonic()
-            wait = self._expected_wait(model, batcher.depth)
+            wait = batcher.expected_wait() + n * batcher.per_image
             if left <= 0 or wait > left:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"deadline exceeded: {max(0.0, left) * 1000:.0f} ms left, the queue ahead "
@@ -398,19 +386,11 @@ class Core:
         try:
             return batcher.admit(n, deadline)
         except QueueFull as exc:
-            retry = max(10, round(self._expected_wait(model, batcher.depth) * 1000))
+            retry = max(10, round(batcher.expected_wait() * 1000))
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {short(model.entry.name)}: {exc}",
                                retry_after_ms=retry) from None
         except ShuttingDown as exc:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-
-    def _expected_wait(self, model: LoadedModel, depth: int) -> float:
-        estimate = self._throughput.get(id(model.batcher))
-        return depth * estimate.per_image if estimate is not None else 0.0
-
-    def observe_batch(self, model_batcher: object, size: int, seconds: float) -> None:
-        """Called by the batch observer: keeps the per-image cost the deadline check uses."""
-        self._throughput.setdefault(id(model_batcher), _Throughput()).observe(size, seconds)
 
     # --- work ---------------------------------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from imgcls.service.statistics import ModelStats
 log = logging.getLogger(__name__)
 
 RuntimeHook = Callable[[repository.Entry, runtimes.Runtime], runtimes.Runtime]
-BatchHook = Callable[[Batcher, int, float], None]  # (batcher, batch size, seconds): the core's cost estimate
 
 
 @dataclass
@@ -79,11 +78,11 @@ class ModelManager:
     """The served version tables (`models`, `failed`) and everything that changes them."""
 
     def __init__(self, config: Settings, metrics: Metrics, *, runtime_hook: RuntimeHook | None = None,
-                 batch_hook: BatchHook | None = None) -> None:
+                 nice: int = 0) -> None:
         self.config = config
         self.metrics = metrics
         self.runtime_hook = runtime_hook
-        self.batch_hook = batch_hook or (lambda *_: None)
+        self.nice = nice  # batcher threads run this much nicer than the server's I/O loop
         self.models: dict[str, dict[int, LoadedModel]] = {}
         # model -> version -> error, for versions that failed to load or their probe (never served);
         # replaced, not mutated, like `models`
@@ -235,11 +234,11 @@ class ModelManager:
         batcher = Batcher(
             runtime.run, max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
             max_queue_size=cfg.max_queue_size, name=f"{name}-v{version}",
-            on_batch=None, on_depth=m.queue_depth.labels(name).set,
+            on_batch=self._batch_observer(name, fmt, stats), on_depth=m.queue_depth.labels(name).set,
             on_expired=m.expired_images.labels(name).inc,
         )
-        batcher._on_batch = self._batch_observer(batcher, name, fmt, stats)
-        self.batch_hook(batcher, n, warm_seconds)  # a first cost estimate: the largest warm-up batch
+        batcher.observe(n, warm_seconds)  # a first cost estimate: the largest warm-up batch
+        batcher.nice = self.nice
         batcher.start()
         seconds = time.monotonic() - start
         m.model_load_seconds.labels(name, version, fmt).set(seconds)
@@ -265,7 +264,7 @@ class ModelManager:
             self.retiring.remove(model)
         log.info("unloaded %s v%s", name, version)
 
-    def _batch_observer(self, batcher: Batcher, model: str, fmt: str,
+    def _batch_observer(self, model: str, fmt: str,
                         stats: ModelStats) -> Callable[[int, list[float], float, int], None]:
         batch_size = self.metrics.batch_size.labels(model)
         wait = self.metrics.queue_wait.labels(model)
@@ -280,7 +279,6 @@ class ModelManager:
                 wait.observe(w)
             if wasted:
                 wasted_images.inc(wasted)
-            self.batch_hook(batcher, size, seconds)
 
         return observe
 

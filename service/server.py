@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -44,6 +45,9 @@ from imgcls.service.native import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
+# Decoding, inference and model loading run this much nicer than the gRPC event loop, so that under a full CPU
+# the loop still admits, refuses and answers health at once (a lower priority is allowed unprivileged).
+WORK_NICENESS = 5
 # Modules of imgcls.service that answer a protocol on the port; each has `handlers(core)` and `SERVICE_NAMES`.
 PROTOCOLS: tuple[str, ...] = ("native", "kserve", "tfserving")
 __all__ = ["PROTOCOLS", "SERVICE_NAME", "InferenceServer", "LoadedModel", "ReloadResult", "ServeConfig"]
@@ -126,11 +130,10 @@ class InferenceServer:
         config.validate()
         self.config = config
         self.metrics = Metrics()
-        self.core: Core | None = None
-        self.manager = ModelManager(config, self.metrics, runtime_hook=runtime_hook,
-                                    batch_hook=lambda batcher, size, seconds: self._observe(batcher, size, seconds))
+        self.manager = ModelManager(config, self.metrics, runtime_hook=runtime_hook, nice=WORK_NICENESS)
         self.decoder: DecodePool | None = None  # started in start(): worker processes
-        self.core = Core(config, self.manager, self.metrics, config.decode_workers, decode=self._decode)
+        self.core = Core(config, self.manager, self.metrics, config.decode_workers, decode=self._decode,
+                         nice=WORK_NICENESS)
         self.load_error: BaseException | None = None
         self.port = 0
         self.metrics_port = 0
@@ -147,10 +150,6 @@ class InferenceServer:
         if self.decoder is None:
             raise ImgclsError("the decode pool is not running")
         return self.decoder.decode(data, spec, deadline=deadline, cancelled=cancelled)
-
-    def _observe(self, batcher, size: int, seconds: float) -> None:
-        if self.core is not None:
-            self.core.observe_batch(batcher, size, seconds)
 
     # --- what tests and tools read ------------------------------------------------------------------------------
 
@@ -220,7 +219,7 @@ class InferenceServer:
         self._health_names = ("", *(s for module in protocol_modules for s in module.SERVICE_NAMES))
         if cfg.decode_isolation:
             self.decoder = DecodePool(cfg.decode_workers, cfg.decode_limits(),
-                                      memory_budget_bytes=cfg.decode_memory_mb * 1024 * 1024)
+                                      memory_budget_bytes=cfg.decode_memory_mb * 1024 * 1024, nice=WORK_NICENESS)
         else:
             self.core.use_thread_decode(cfg.decode_limits())
         self._loop_thread.start()
@@ -262,6 +261,7 @@ class InferenceServer:
 
     def _loader(self) -> None:
         """Load the models, turn health SERVING, then (hot reload) poll the repository until stopped."""
+        os.nice(WORK_NICENESS)  # and the runtime threads the loads create inherit it
         try:
             self.manager.check_startup(self.reload().on_disk)
         except BaseException as exc:  # reported by serve_forever / wait_until_ready

@@ -164,7 +164,7 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_before_compute(gated):
     gate.gate.clear()
     model = server.models["tiny"][2]
     for _ in range(30):  # a moving average: as if each image had taken 0.5 s for a while
-        server.core.observe_batch(model.batcher, 1, 0.5)
+        model.batcher.observe(1, 0.5)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InferenceStub(channel)
         running = stub.Predict.future(pb.PredictRequest(model_name="tiny", images=[IMAGES[0]]), timeout=20)
