@@ -22,7 +22,7 @@ connections, so one Python process is never the bottleneck; it sends pre-seriali
 parse answers. Everything it starts is stopped on exit, on error and on Ctrl-C; traffic goes to 127.0.0.1 only.
 
     python benchmarks/bench_overload.py --model-repository REPO --model flowers \\
-        --images ~/.keras/datasets/flower_photos [--quick] [--scenarios capacity,open] [--serve-arg=--grpc-workers=16]
+        --images ~/.keras/datasets/flower_photos [--quick] [--scenarios capacity,open] [--serve-arg=--max-queue-size=32]
         [--json results.json]
 """
 
@@ -1210,7 +1210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=Path, required=True, help="folder of images, searched recursively")
     p.add_argument("--max-images", type=int, default=64, help="images loaded from --images (default 64)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help="extra `imgcls serve` argument, repeat per word (e.g. --serve-arg=--grpc-workers "
+                   help="extra `imgcls serve` argument, repeat per word (e.g. --serve-arg=--max-queue-size "
                         "--serve-arg=16); not --host/--port/--metrics-port")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated, of {', '.join(SCENARIOS)} (default all); open and closed need the "
