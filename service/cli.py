@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "with ';' (env IMGCLS_MODEL_VERSION_POLICY, used when the flag is not given)")
     _flag(serve, "--poll-interval", "seconds between scans of the repository for new, failed or removed versions "
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
+    _flag(serve, "--require-models", "an empty or missing repository is an error at start (default: stay up, "
+          "NOT_SERVING, until the first version appears)", "false", type=_bool, metavar="BOOL")
     _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
     _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
     _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "
@@ -181,7 +183,7 @@ def serve_command(args: argparse.Namespace) -> int:
         model_repository=Path(args.model_repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
         runtime=runtime, model_runtimes=per_model, versions=args.version_policy,
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
-        poll_interval=args.poll_interval,
+        poll_interval=args.poll_interval, require_models=args.require_models,
         max_concurrent_calls=args.max_concurrent_calls,
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,

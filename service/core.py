@@ -333,7 +333,7 @@ class Core:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         if not self.ready.is_set():
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "models are still loading (or none is published yet)")
         if self._inflight > self.config.max_concurrent_calls:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self._inflight - 1} calls in progress; at most {self.config.max_concurrent_calls}",

@@ -67,6 +67,7 @@ class ServeConfig:
     versions: str = "latest"  # version policy for every model: latest, latest:N, all, specific:1,3
     model_versions: dict[str, str] = field(default_factory=dict)  # per model name, overrides `versions`
     poll_interval: float = 0.0  # seconds between repository scans for new/removed versions; 0 = no reload
+    require_models: bool = False  # an empty or missing repository is an error at start, not a wait
     inference_threads: int = field(default_factory=runtimes.default_threads)
     decode_workers: int = field(default_factory=runtimes.default_threads)
     max_concurrent_calls: int = 1024  # calls in progress (streams count once) before RESOURCE_EXHAUSTED
@@ -145,6 +146,7 @@ class InferenceServer:
         self._httpd = None
         self.health = health.aio.HealthServicer()
         self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
+        self._waiting_for_models = False  # the repository had no model at start
 
     def _decode(self, data: bytes, spec, *, deadline: float | None, cancelled) -> object:
         if self.decoder is None:
@@ -204,10 +206,20 @@ class InferenceServer:
         cfg = self.config
         self.manager.formats = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
             f for f in runtimes.FORMATS if f != "savedmodel")
-        on_disk = repository.list_versions(cfg.model_repository)
+        try:
+            on_disk = repository.list_versions(cfg.model_repository)
+        except ImgclsError:
+            if cfg.require_models or cfg.poll_interval <= 0:
+                raise
+            on_disk = {}  # a volume not mounted yet: wait for it like for an empty one
+        self._waiting_for_models = not on_disk
         if not on_disk:
-            raise ImgclsError(f"--model-repository {cfg.model_repository}: no models found "
-                              "(expected NAME/VERSION/manifest.json)")
+            if cfg.require_models or cfg.poll_interval <= 0:
+                why = "--require-models is set" if cfg.require_models else "hot reload is off (--poll-interval 0)"
+                raise ImgclsError(f"--model-repository {cfg.model_repository}: no models found (expected "
+                                  f"NAME/VERSION/manifest.json), and {why}")
+            log.warning("--model-repository %s has no model yet: NOT_SERVING until one is published (checked "
+                        "every %gs)", cfg.model_repository, cfg.poll_interval)
         unknown = set(cfg.model_runtimes) - set(on_disk)
         if unknown:
             raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
@@ -262,27 +274,37 @@ class InferenceServer:
     def _loader(self) -> None:
         """Load the models, turn health SERVING, then (hot reload) poll the repository until stopped."""
         os.nice(WORK_NICENESS)  # and the runtime threads the loads create inherit it
-        try:
-            self.manager.check_startup(self.reload().on_disk)
-        except BaseException as exc:  # reported by serve_forever / wait_until_ready
-            log.error("loading models failed: %s", exc)
-            self.load_error = exc
-            self._stop_requested.set()
-            return
-        if self.core.accepting and not self.manager.closing.is_set():
-            self.core.ready.set()
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready: %s", ", ".join(f"{n} v{v} ({m.runtime})" for n, vs in self.models.items()
-                                            for v, m in vs.items()))
+        if not self._waiting_for_models:  # models on disk at start: each must serve something, or we stop
+            try:
+                self.manager.check_startup(self.reload().on_disk)
+            except BaseException as exc:  # reported by serve_forever / wait_until_ready
+                log.error("loading models failed: %s", exc)
+                self.load_error = exc
+                self._stop_requested.set()
+                return
         interval = self.config.poll_interval
+        scan = self._waiting_for_models  # an empty repository at start: look again at once
+        self._become_ready()
         if interval <= 0:
             return
         log.info("hot reload: scanning %s every %gs", self.config.model_repository, interval)
-        while not self.manager.closing.wait(interval):
+        while scan or not self.manager.closing.wait(interval):
+            scan = False
             try:
                 self.reload()
             except Exception as exc:  # e.g. the repository volume went away: keep serving what is loaded
                 log.error("repository scan failed, serving what is loaded: %s", exc)
+            self._become_ready()
+
+    def _become_ready(self) -> None:
+        """Health SERVING once some model serves (at start, or when the first version of an empty repository
+        appears); never while draining."""
+        if self.core.ready.is_set() or not self.models or not self.core.accepting or self.manager.closing.is_set():
+            return
+        self.core.ready.set()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s", ", ".join(f"{n} v{v} ({m.runtime})" for n, vs in self.models.items()
+                                        for v, m in vs.items()))
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -333,7 +355,8 @@ class InferenceServer:
             self._loop_thread.join(5)
         self._stopped.set()
         self._stop_requested.set()
-        log.info("stopped")
+        if self.port:  # a start that failed before binding has nothing to report stopped
+            log.info("stopped")
 
     def request_stop(self) -> None:
         """Ask `serve_forever` to drain (what SIGTERM does); returns at once, usable from a signal handler."""

@@ -29,7 +29,7 @@ from imgcls.errors import ImgclsError
 from imgcls.service.batcher import Batcher, ShuttingDown
 from imgcls.service.cli import _model_policies
 from imgcls.service.repository import VersionPolicy
-from imgcls.service.server import ServeConfig
+from imgcls.service.server import InferenceServer, ServeConfig
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 
@@ -412,3 +412,36 @@ def test_closing_batcher_finishes_admitted_images_and_refuses_new_ones():
     release.set()
     closer.join(10)
     assert job.done.is_set() and all(isinstance(r, np.ndarray) for r in job.results)
+
+
+def test_an_empty_repository_waits_not_serving_then_serves_the_first_version(tmp_path, service_repo):
+    """Issue 20: pods start before the first export lands; the server stays up, NOT_SERVING, and serves
+    within a poll interval of the first version appearing. A missing folder (volume not mounted) is the same."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"  # missing at start
+    with running_server(repo, wait=False, poll_interval=0.2) as server, stub_for(server) as stub, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        time.sleep(0.5)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as exc_info:
+            predict(stub)
+        assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+        repo.mkdir()
+        publish(repo, service_repo / "tiny" / "2", "tiny", 1)
+        assert server.wait_until_ready(10)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert predict(stub).model_version == 1
+
+
+def test_an_empty_repository_is_an_error_with_require_models_or_without_hot_reload(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for settings in ({"poll_interval": 5, "require_models": True}, {"poll_interval": 0}):
+        server = InferenceServer(ServeConfig(model_repository=tmp_path / "empty", host="127.0.0.1", port=0,
+                                             metrics_port=0, **settings))
+        with pytest.raises(ImgclsError, match="no models found"):
+            server.start()
+        server.stop()
