@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "with ';' (env IMGCLS_MODEL_VERSION_POLICY, used when the flag is not given)")
     _flag(serve, "--poll-interval", "seconds between scans of the repository for new, failed or removed versions "
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
-    _flag(serve, "--require-models", "an empty or missing repository is an error at start (default: stay up, "
-          "NOT_SERVING, until the first version appears)", "false", type=_bool, metavar="BOOL")
+    _flag(serve, "--require-models", "an empty repository is an error at start (default: stay up, NOT_SERVING, "
+          "until the first version appears)", "false", type=_bool, metavar="BOOL")
     _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
     _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
     _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "

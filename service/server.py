@@ -206,12 +206,8 @@ class InferenceServer:
         cfg = self.config
         self.manager.formats = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
             f for f in runtimes.FORMATS if f != "savedmodel")
-        try:
-            on_disk = repository.list_versions(cfg.model_repository)
-        except ImgclsError:
-            if cfg.require_models or cfg.poll_interval <= 0:
-                raise
-            on_disk = {}  # a volume not mounted yet: wait for it like for an empty one
+        # A missing folder stays an error (a typo, most likely: a mounted volume is a folder even when empty).
+        on_disk = repository.list_versions(cfg.model_repository)
         self._waiting_for_models = not on_disk
         if not on_disk:
             if cfg.require_models or cfg.poll_interval <= 0:

@@ -416,10 +416,12 @@ def test_closing_batcher_finishes_admitted_images_and_refuses_new_ones():
 
 def test_an_empty_repository_waits_not_serving_then_serves_the_first_version(tmp_path, service_repo):
     """Issue 20: pods start before the first export lands; the server stays up, NOT_SERVING, and serves
-    within a poll interval of the first version appearing. A missing folder (volume not mounted) is the same."""
+    within a poll interval of the first version appearing. (A missing folder is still an error:
+    test_service_process.py.)"""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    repo = tmp_path / "repo"  # missing at start
+    repo = tmp_path / "repo"
+    repo.mkdir()  # an empty volume, mounted before the first export
     with running_server(repo, wait=False, poll_interval=0.2) as server, stub_for(server) as stub, \
             grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -429,7 +431,6 @@ def test_an_empty_repository_waits_not_serving_then_serves_the_first_version(tmp
         with pytest.raises(grpc.RpcError) as exc_info:
             predict(stub)
         assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
-        repo.mkdir()
         publish(repo, service_repo / "tiny" / "2", "tiny", 1)
         assert server.wait_until_ready(10)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
