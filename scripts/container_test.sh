@@ -285,13 +285,13 @@ def value(name, **labels):
     found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
     assert found, f"no sample {name}{labels} in /metrics"
     return sum(found)
-assert value("imgcls_model_loaded", model="tiny", runtime="onnx") == 1
+assert value("imgcls_model_loaded", model="tiny", runtime="tflite") == 1  # default order: tflite > onnx
 assert value("imgcls_requests_total", method="Predict", model="tiny", code="OK") >= 1
 assert value("imgcls_images_total", model="tiny", code="OK") == 1
 assert value("imgcls_images_total", model="tiny", code="INVALID_ARGUMENT") == 1
 assert value("imgcls_batch_size_count", model="tiny") >= 1
 assert value("imgcls_request_duration_seconds_count", method="Predict", model="tiny") >= 1
-print("[container-test]    metrics: imgcls_model_loaded 1 (onnx), imgcls_requests_total, imgcls_images_total "
+print("[container-test]    metrics: imgcls_model_loaded 1 (tflite), imgcls_requests_total, imgcls_images_total "
       "(1 OK, 1 INVALID_ARGUMENT), imgcls_batch_size, imgcls_request_duration_seconds")
 EOF
 step_end "Predict from the host, grpc.health.v1 SERVING, HEALTHCHECK ok, /metrics"
