@@ -12,7 +12,7 @@ RUNS ?= runs
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[train,export,dev,deploy]"
+	$(BIN)/pip install -q -e ".[train,export,dev,deploy,lite]"
 	touch $(STAMP)
 
 install: $(STAMP)
