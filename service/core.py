@@ -43,6 +43,7 @@ from imgcls.service import lifecycle
 from imgcls.service.batcher import Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from imgcls.service.metrics import Metrics
 from imgcls.service.models import LoadedModel
+from imgcls.service.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,8 @@ class Core:
         self._decode_fn = decode or self._decode_in_thread
         self._inflight = 0
         self._inflight_zero = threading.Condition()
+        # Other serving processes' statistics for a version (`--workers`, service/cluster.py); none when alone.
+        self.peer_stats: Callable[[str, int], list[ModelStats]] | None = None
 
     @property
     def models(self) -> dict[str, dict[int, LoadedModel]]:
@@ -225,6 +228,15 @@ class Core:
     @property
     def failed(self) -> dict[str, dict[int, str]]:
         return self.lifecycle.failed
+
+    def statistics(self, model: LoadedModel) -> ModelStats:
+        """A version's ModelStatistics totals: this process's, plus every other serving process's."""
+        total = model.stats.snapshot()
+        if self.peer_stats is not None:
+            name, version = model.entry.name, model.entry.version
+            for other in self.peer_stats(name, version):
+                total.add(other)
+        return total
 
     # --- calls --------------------------------------------------------------------------------------------------
 

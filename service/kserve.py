@@ -25,6 +25,7 @@ from imgcls.service.kserve_tensors import (
     parse_outputs,
 )
 from imgcls.service.models import LoadedModel
+from imgcls.service.statistics import ModelStats
 
 SERVICE = "inference.GRPCInferenceService"
 SERVICE_NAMES = (SERVICE,)
@@ -135,7 +136,7 @@ class Service:
             models = [m for name in sorted(served) for m in served[name].values()]
         response = protocols.message("inference.ModelStatisticsResponse")()
         for model in sorted(models, key=lambda m: (m.entry.name, m.entry.version)):
-            _fill_statistics(response.model_stats.add(), model)
+            _fill_statistics(response.model_stats.add(), model, self.core.statistics(model))
         return response
 
     # --- inference ------------------------------------------------------------------------------------------
@@ -178,8 +179,7 @@ class Service:
             raise
 
 
-def _fill_statistics(out, model: LoadedModel) -> None:
-    stats = model.stats.snapshot()
+def _fill_statistics(out, model: LoadedModel, stats: ModelStats) -> None:
     out.name, out.version = model.labels
     out.last_inference, out.inference_count, out.execution_count = (
         stats.last_inference_ms, stats.inference_count, stats.execution_count)

@@ -2,6 +2,12 @@
 
 Histograms, not summaries, so they aggregate across replicas. Names carry their unit and counters end
 in `_total`, per the Prometheus naming conventions.
+
+With `--workers N` every serving process writes its values to prometheus-client's multiprocess folder
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor before a worker starts) and the supervisor alone serves
+/metrics, summing them: a request is counted once, by the process that answered it. Gauges say how they
+combine (`multiprocess_mode`): queue depth and calls in flight add up over live processes, the loaded-model
+gauges take the largest value (every worker loads the same versions).
 """
 
 from __future__ import annotations
@@ -51,14 +57,15 @@ class Metrics:
             ["model"], registry=r)
         self.queue_depth = Gauge(
             "imgcls_queue_depth", "Images admitted and waiting for inference (decoding or queued).",
-            ["model"], registry=r)
-        self.inflight = Gauge("imgcls_inflight_requests", "Requests being handled.", ["method"], registry=r)
+            ["model"], registry=r, multiprocess_mode="livesum")
+        self.inflight = Gauge("imgcls_inflight_requests", "Requests being handled.", ["method"], registry=r,
+                              multiprocess_mode="livesum")
         self.model_loaded = Gauge(
             "imgcls_model_loaded", "1 for each model version loaded and serving.",
-            ["model", "version", "backbone", "runtime"], registry=r)
+            ["model", "version", "backbone", "runtime"], registry=r, multiprocess_mode="livemax")
         self.model_load_seconds = Gauge(
             "imgcls_model_load_duration_seconds", "Time to load and warm up a model version.",
-            ["model", "version", "runtime"], registry=r)
+            ["model", "version", "runtime"], registry=r, multiprocess_mode="livemax")
         self.model_load_failures = Counter(
             "imgcls_model_load_failures", "Model versions that failed to load, verify or pass the probe.",
             ["model", "version"], registry=r)
@@ -70,3 +77,13 @@ class Metrics:
         """Start the /metrics HTTP server in a daemon thread; returns the http server (has `server_port`)."""
         httpd, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return httpd
+
+
+def serve_multiprocess(folder: str, port: int, addr: str = "0.0.0.0"):
+    """/metrics for all serving processes (`--workers`): the sum of what each wrote to `folder`."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=folder)
+    httpd, _thread = start_http_server(port, addr=addr, registry=registry)
+    return httpd

@@ -259,6 +259,7 @@ class ModelManager:
                                                            model.runtime)),
                               (self.metrics.model_load_seconds, (name, version, model.runtime))):
             with suppress(KeyError):  # never set when the version failed before its gauges
+                gauge.labels(*labels).set(0)  # with --workers the summed series stays, at 0 (metrics.py)
                 gauge.remove(*labels)
         if model in self.retiring:
             self.retiring.remove(model)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -37,11 +38,12 @@ from imgcls.cpus import cpu_limits
 from imgcls.decoding import DEFAULT_FORMATS, DecodeLimits, DecodePool
 from imgcls.errors import ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from imgcls.service import repository, runtimes
+from imgcls.service import cluster, repository, runtimes
 from imgcls.service.core import Core
 from imgcls.service.metrics import Metrics
 from imgcls.service.models import LoadedModel, ModelManager, ReloadResult, RuntimeHook
 from imgcls.service.native import SERVICE_NAME
+from imgcls.service.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 8000
+    http_port: int | None = None  # HTTP front-end (service/http/), None = none; `imgcls serve` defaults to 8080
     runtime: str | None = None  # one format for every model, None = fastest full-precision
     model_runtimes: dict[str, str] = field(default_factory=dict)  # per model name, overrides `runtime`
     versions: str = "latest"  # version policy for every model: latest, latest:N, all, specific:1,3
@@ -122,12 +125,37 @@ class ServeConfig:
     def policy(self, model: str) -> repository.VersionPolicy:
         return repository.VersionPolicy.parse(self.model_versions.get(model, self.versions))
 
+    def to_json(self) -> str:
+        """What a `--workers` supervisor hands each serving process (supervisor.py)."""
+        return json.dumps({**asdict(self), "model_repository": str(self.model_repository)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        data = json.loads(text)
+        return cls(**{**data, "model_repository": Path(data["model_repository"])})
+
+    def check_repository(self) -> dict[str, list[int]]:
+        """The versions on disk; ImgclsError for what must stop the start (a missing folder, an empty one when
+        models are required, --runtime for a model that is not there)."""
+        # A missing folder stays an error (a typo, most likely: a mounted volume is a folder even when empty).
+        on_disk = repository.list_versions(self.model_repository)
+        if not on_disk and (self.require_models or self.poll_interval <= 0):
+            why = "--require-models is set" if self.require_models else "hot reload is off (--poll-interval 0)"
+            raise ImgclsError(f"--model-repository {self.model_repository}: no models found (expected "
+                              f"NAME/VERSION/manifest.json), and {why}")
+        unknown = set(self.model_runtimes) - set(on_disk)
+        if unknown:
+            raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
+        return on_disk
+
 
 
 class InferenceServer:
     """One server: gRPC port, metrics port, the loaded models. `runtime_hook` lets tests wrap a runtime."""
 
-    def __init__(self, config: ServeConfig, *, runtime_hook: RuntimeHook | None = None) -> None:
+    def __init__(self, config: ServeConfig, *, runtime_hook: RuntimeHook | None = None,
+                 link: cluster.WorkerLink | None = None) -> None:
+        """`link`: this is one of several serving processes sharing the ports (`--workers`, supervisor.py)."""
         config.validate()
         self.config = config
         self.metrics = Metrics()
@@ -138,6 +166,8 @@ class InferenceServer:
         self.load_error: BaseException | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.http = None  # the HTTP front-end (service/http/): on the gRPC loop, through the same core
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -147,6 +177,9 @@ class InferenceServer:
         self.health = health.aio.HealthServicer()
         self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
         self._waiting_for_models = False  # the repository had no model at start
+        self.link = link
+        if link is not None:
+            self.core.peer_stats = link.peer_stats
 
     def _decode(self, data: bytes, spec, *, deadline: float | None, cancelled) -> object:
         if self.decoder is None:
@@ -193,6 +226,11 @@ class InferenceServer:
         """Run a coroutine on the server's loop from another thread and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def _stats_snapshot(self) -> list[tuple[str, int, ModelStats]]:
+        """This process's statistics per served version, for the other workers (cluster.py)."""
+        return [(name, version, model.stats.snapshot()) for name, versions in list(self.models.items())
+                for version, model in list(versions.items())]
+
     def _set_health(self, status) -> None:
         async def set_all() -> None:
             for name in self._health_names:
@@ -206,19 +244,11 @@ class InferenceServer:
         cfg = self.config
         self.manager.formats = runtimes.FORMATS if runtimes.tensorflow_installed() else tuple(
             f for f in runtimes.FORMATS if f != "savedmodel")
-        # A missing folder stays an error (a typo, most likely: a mounted volume is a folder even when empty).
-        on_disk = repository.list_versions(cfg.model_repository)
+        on_disk = cfg.check_repository()
         self._waiting_for_models = not on_disk
         if not on_disk:
-            if cfg.require_models or cfg.poll_interval <= 0:
-                why = "--require-models is set" if cfg.require_models else "hot reload is off (--poll-interval 0)"
-                raise ImgclsError(f"--model-repository {cfg.model_repository}: no models found (expected "
-                                  f"NAME/VERSION/manifest.json), and {why}")
             log.warning("--model-repository %s has no model yet: NOT_SERVING until one is published (checked "
                         "every %gs)", cfg.model_repository, cfg.poll_interval)
-        unknown = set(cfg.model_runtimes) - set(on_disk)
-        if unknown:
-            raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
         for name in sorted(set(cfg.model_versions) - set(on_disk)):
             log.warning("--model-version-policy names %s, not in the repository (yet)", name)
 
@@ -233,13 +263,25 @@ class InferenceServer:
         self._loop_thread.start()
         address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         self.port = self._on_loop(self._start_grpc(protocol_modules, address))
-        try:
-            self._httpd = self.metrics.serve(cfg.metrics_port, cfg.host)
-        except OSError as exc:
-            raise ImgclsError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc})") from None
-        self.metrics_port = self._httpd.server_port
-        log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model(s)",
-                 cfg.host, self.port, cfg.host, self.metrics_port, len(on_disk))
+        if cfg.http_port is not None:
+            from imgcls.service.http import HttpServer
+
+            self.http = HttpServer(self.core, cfg)
+            self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port))
+            log.info("HTTP on %s:%d (KServe v2 and TF Serving REST, /predict, web page)", cfg.host, self.http_port)
+        if self.link is None:  # with --workers, the supervisor serves every process's metrics
+            try:
+                self._httpd = self.metrics.serve(cfg.metrics_port, cfg.host)
+            except OSError as exc:
+                raise ImgclsError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc})") from None
+            self.metrics_port = self._httpd.server_port
+            log.info("gRPC on %s:%d, metrics on %s:%d/metrics; loading %d model(s)",
+                     cfg.host, self.port, cfg.host, self.metrics_port, len(on_disk))
+        else:
+            self.link.start_publishing(self._stats_snapshot)
+            asyncio.run_coroutine_threadsafe(self._follow_whole_server(), self._loop)
+            log.info("gRPC on %s:%d (worker %d of %d); loading %d model(s)",
+                     cfg.host, self.port, self.link.index + 1, self.link.workers, len(on_disk))
         log.info("CPUs: %s; %d inference thread(s) per model, %d decode worker(s)",
                  cpu_limits().describe(), cfg.inference_threads, cfg.decode_workers)
         threading.Thread(target=self._loader, name="model-loader", daemon=True).start()
@@ -250,7 +292,7 @@ class InferenceServer:
         self.core.loop = asyncio.get_running_loop()
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if self.link is not None else 0)]
         # No maximum_concurrent_rpcs: gRPC would refuse past it before any handler ran, unseen by the metrics;
         # the core refuses past --max-concurrent-calls instead, counted with its code.
         self._grpc = grpc.aio.server(options=options)
@@ -298,9 +340,25 @@ class InferenceServer:
         if self.core.ready.is_set() or not self.models or not self.core.accepting or self.manager.closing.is_set():
             return
         self.core.ready.set()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.link is not None:  # health turns SERVING once every worker is ready (_follow_whole_server)
+            self.link.set_state(cluster.READY)
+        else:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ", ".join(f"{n} v{v} ({m.runtime})" for n, vs in self.models.items()
                                         for v, m in vs.items()))
+
+    async def _follow_whole_server(self) -> None:
+        """With --workers: health answers for the whole server, SERVING only while every worker is ready and
+        none drains (a worker being replaced after a crash makes the pod unready until it is warm again)."""
+        serving = False
+        while self.core.accepting:
+            whole = self.core.ready.is_set() and self.link.whole_server_ready()
+            if whole != serving:
+                serving = whole
+                status = health_pb2.HealthCheckResponse.SERVING if whole else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in self._health_names:
+                    await self.health.set(name, status)
+            await asyncio.sleep(0.1)
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -321,6 +379,8 @@ class InferenceServer:
         grace = self.config.grace_period if grace is None else grace
         deadline = time.monotonic() + grace
         self.core.accepting = False
+        if self.link is not None:
+            self.link.set_state(cluster.DRAINING)
         if self._loop.is_running():
             self._on_loop(self.health.enter_graceful_shutdown())  # every service NOT_SERVING, and stays so
         left = self.core.wait_idle(grace)
@@ -339,6 +399,11 @@ class InferenceServer:
                 self._on_loop(self._grpc.stop(grace), timeout=(grace or 0) + 10)
             except Exception as exc:  # a stop that hangs must not keep the process alive
                 log.warning("gRPC server stop: %s", exc)
+        if self.http is not None and self._loop.is_running():
+            try:
+                self._on_loop(self.http.stop(grace or 0), timeout=(grace or 0) + 10)
+            except Exception as exc:
+                log.warning("HTTP server stop: %s", exc)
         self.manager.close()
         self.core.close()
         if self.decoder is not None:
@@ -346,6 +411,8 @@ class InferenceServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+        if self.link is not None:
+            self.link.close()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(5)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from imgcls.service.batcher import Job
 
@@ -45,6 +46,8 @@ class ModelStats:
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> compute_infer
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
     def request(self, ok: bool, seconds: float, job: Job | None = None) -> None:
         """A finished inference call; `job` (absent when it failed before admission) splits its time."""
         with self.lock:
@@ -75,3 +78,31 @@ class ModelStats:
                 Duration(**vars(self.compute_output)), self.inference_count,
                 self.execution_count, self.last_inference_ms,
                 {size: Duration(**vars(d)) for size, d in self.batches.items()})
+
+    def add(self, other: ModelStats) -> ModelStats:
+        """Add another process's totals for the same version (`--workers`); last_inference is the later."""
+        for name in self.DURATIONS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.count += theirs.count
+            mine.ns += theirs.ns
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+        for size, d in other.batches.items():
+            self.batches.setdefault(size, Duration()).add(0.0, d.count)
+            self.batches[size].ns += d.ns
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: asdict(getattr(self, name)) for name in self.DURATIONS}
+        out.update(inference_count=self.inference_count, execution_count=self.execution_count,
+                   last_inference_ms=self.last_inference_ms,
+                   batches={str(size): asdict(d) for size, d in self.batches.items()})
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelStats:
+        return cls(**{name: Duration(**data[name]) for name in cls.DURATIONS},
+                   inference_count=data["inference_count"], execution_count=data["execution_count"],
+                   last_inference_ms=data["last_inference_ms"],
+                   batches={int(size): Duration(**d) for size, d in data["batches"].items()})
