@@ -1,0 +1,342 @@
+"""The documentation is checked like code.
+
+README.md is the page a newcomer reads in five minutes, so its size is bounded; everything else lives in
+docs/. Links rot silently and documented flags drift from the parsers, so: every relative link in README.md
+and docs/*.md must resolve (the file, and for `#anchor` a heading of that page), every `imgcls ...` command in
+a fenced example must parse with the real argparse parser (`imgcls.cli.build_parser`), the cheap ones
+(`--help`, `imgcls backbones`) are run for real, and Python examples must compile and import what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib
+import importlib.util
+import io
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from imgcls.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
+IMGCLS = Path(sys.executable).with_name("imgcls")
+
+# A newcomer's five minutes (issue 20): at most ~300 lines, and no wall of tables hiding behind short lines.
+README_MAX_LINES = 300
+README_MAX_BYTES = 24_000
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block: its info string (language), its lines and the page line it starts on."""
+
+    page: Path
+    lang: str
+    lines: tuple[str, ...]
+    line: int
+
+
+def _rel(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def fenced_blocks(page: Path) -> list[Block]:
+    blocks: list[Block] = []
+    fence: str | None = None
+    lang, body, start = "", [], 0
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.lstrip()
+        if fence is None:
+            match = re.match(r"(`{3,}|~{3,})\s*([\w+-]*)", stripped)
+            if match:
+                fence, lang, body, start = match.group(1), match.group(2).lower(), [], number
+        elif stripped.startswith(fence) and not stripped[len(fence):].strip():
+            blocks.append(Block(page, lang, tuple(body), start))
+            fence = None
+        else:
+            body.append(line)
+    assert fence is None, f"{_rel(page)}: code block opened at line {start} is never closed"
+    return blocks
+
+
+def prose_lines(page: Path) -> list[tuple[int, str]]:
+    """The page's lines outside fenced code blocks, with their line numbers."""
+    inside: set[int] = set()
+    for block in fenced_blocks(page):
+        inside.update(range(block.line, block.line + len(block.lines) + 2))
+    lines = page.read_text(encoding="utf-8").splitlines()
+    return [(n, line) for n, line in enumerate(lines, 1) if n not in inside]
+
+
+# ---------------------------------------------------------------- headings and links
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading (github-slugger): link text kept, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())  # [text](url) -> text
+    text = text.lower()
+    text = re.sub(r"[^\w\- ]", "", text)  # \w keeps letters, digits and '_' (unicode too, like GitHub)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    result: set[str] = set()
+    for _, line in prose_lines(page):
+        match = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not match:
+            continue
+        slug = github_slug(match.group(1))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def links(page: Path) -> list[tuple[int, str]]:
+    found = []
+    for number, line in prose_lines(page):
+        line = re.sub(r"`[^`]*`", "", line)  # a [x](y) inside inline code is not a link
+        found += [(number, target) for target in LINK.findall(line)]
+    return found
+
+
+def relative_links() -> list[tuple[Path, int, str]]:
+    return [(page, number, target) for page in PAGES for number, target in links(page)
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: ... are not checked here
+
+
+def test_readme_is_short() -> None:
+    text = README.read_text(encoding="utf-8")
+    lines = text.count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (limit {README_MAX_LINES}): move detail to docs/"
+    assert len(text.encode()) <= README_MAX_BYTES, f"README.md is {len(text.encode())} bytes (limit {README_MAX_BYTES})"
+
+
+def test_link_checker_finds_links_and_anchors() -> None:
+    """The checker itself: it sees README's links to docs/, and slugs headings as GitHub does."""
+    targets = [target for _, target in links(README)]
+    assert any(t.startswith("docs/") and "#" in t for t in targets), targets
+    assert github_slug("KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`)") == \
+        "kserve-v2--open-inference-protocol-inferencegrpcinferenceservice"
+    assert github_slug("Export formats (`imgcls export`, `benchmarks/bench_export.py`)") == \
+        "export-formats-imgcls-export-benchmarksbench_exportpy"
+    assert github_slug("2026-11-22: the first measurements (issues 2-7)") == \
+        "2026-11-22-the-first-measurements-issues-2-7"
+
+
+@pytest.mark.parametrize("page,line,target", relative_links(),
+                         ids=[f"{_rel(p)}:{n}:{t}" for p, n, t in relative_links()])
+def test_relative_link_resolves(page: Path, line: int, target: str) -> None:
+    path, _, anchor = target.partition("#")
+    dest = (page.parent / path).resolve() if path else page
+    where = f"{_rel(page)}:{line}: link {target!r}"
+    assert dest.exists(), f"{where}: {dest} does not exist"
+    if anchor:
+        assert dest.suffix == ".md", f"{where}: an anchor into a file that is not markdown"
+        assert anchor in anchors(dest), f"{where}: no heading with anchor #{anchor} in {_rel(dest)}"
+
+
+def test_every_docs_page_is_reachable_from_the_readme() -> None:
+    """A page nobody links to is a page nobody reads: each docs/*.md is linked from README or docs/index.md."""
+    linked: set[Path] = set()
+    for page in (README, DOCS / "index.md"):
+        for _, target in links(page):
+            path = target.partition("#")[0]
+            if path and not re.match(r"[a-z][a-z0-9+.-]*:", path):
+                linked.add((page.parent / path).resolve())
+    orphans = [_rel(p) for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
+    assert not orphans, f"not linked from README.md or docs/index.md: {orphans}"
+
+
+def test_readme_install_line_matches_the_makefile() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    extras = re.search(r"pip install -q -e \"(\.\[[^\]]*\])\"", makefile)
+    assert extras, "the Makefile's install line changed shape; update this test"
+    assert f'pip install -e "{extras.group(1)}"' in README.read_text(encoding="utf-8"), \
+        f"README.md must give the install line the Makefile runs: {extras.group(1)}"
+
+
+# ---------------------------------------------------------------- commands
+
+@dataclass(frozen=True)
+class Command:
+    page: Path
+    line: int
+    argv: tuple[str, ...]  # without the leading "imgcls"
+
+    def __str__(self) -> str:
+        return f"{_rel(self.page)}:{self.line}: imgcls {shlex.join(self.argv)}"
+
+
+SHELL_SEPARATORS = {"&&", "||", ";", "|", "&"}
+
+
+def shell_commands(block: Block) -> list[tuple[int, list[str]]]:
+    """Each simple command of a shell-like block: continuation lines joined, `$ ` prompts and comments dropped,
+    split at `&&`, `|`, `;` and `&`, redirections removed."""
+    found: list[tuple[int, list[str]]] = []
+    logical, start = "", 0
+    for offset, raw in enumerate(block.lines):
+        line = raw.rstrip()
+        if not logical:
+            start = block.line + 1 + offset
+            line = re.sub(r"^\s*\$\s+", "", line)
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        logical += line
+        try:
+            tokens = shlex.split(logical, comments=True)
+        except ValueError:  # not shell (program output, YAML ...)
+            tokens = []
+        logical = ""
+        command: list[str] = []
+        for token in [*tokens, ";"]:
+            if token in SHELL_SEPARATORS:
+                if command:
+                    found.append((start, command))
+                command = []
+            elif re.match(r"\d?>>?", token) or (command and re.match(r"\d?>>?", command[-1])):
+                continue  # a redirection and its target
+            else:
+                command.append(token)
+    return found
+
+
+SHELL_LANGS = {"", "sh", "bash", "shell", "console", "text"}
+
+
+def documented_commands() -> list[Command]:
+    commands = []
+    for page in PAGES:
+        for block in fenced_blocks(page):
+            if block.lang not in SHELL_LANGS:
+                continue
+            for line, argv in shell_commands(block):
+                if argv and argv[0] == "imgcls":
+                    commands.append(Command(page, line, tuple(argv[1:])))
+    return commands
+
+
+COMMANDS = documented_commands()
+
+
+def parse(argv: tuple[str, ...]) -> tuple[int, str]:
+    """Parse with the real parser; (exit status, stderr). 0 for a parsed command or `--help`."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            build_parser().parse_args(list(argv))
+        except SystemExit as exc:
+            return int(exc.code or 0), err.getvalue()
+    return 0, err.getvalue()
+
+
+def test_commands_are_found_in_the_docs() -> None:
+    """The extractor itself: README's quick start is found, every subcommand has a documented example."""
+    readme = {c.argv[0] for c in COMMANDS if c.page == README and c.argv}
+    assert {"train", "export", "serve", "predict", "batch"} <= readme, readme
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    documented = {c.argv[0] for c in COMMANDS if c.argv}
+    assert not set(sub.choices) - documented, f"subcommands without a fenced example: {set(sub.choices) - documented}"
+
+
+def test_parser_check_rejects_an_unknown_flag() -> None:
+    status, err = parse(("train", "--no-such-flag", "1"))
+    assert status == 2 and "--no-such-flag" in err
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[str(c) for c in COMMANDS])
+def test_documented_command_parses(command: Command) -> None:
+    status, err = parse(command.argv)
+    assert status == 0, f"{command}\ndoes not parse with imgcls.cli.build_parser():\n{err}"
+
+
+CHEAP = [c for c in COMMANDS if c.argv and (c.argv[-1] in ("--help", "-h", "--version") or c.argv == ("backbones",))]
+
+
+@pytest.mark.parametrize("argv", sorted({("--help",), ("backbones",), *(c.argv for c in CHEAP)}),
+                         ids=lambda argv: "imgcls " + " ".join(argv))
+def test_cheap_command_runs(argv: tuple[str, ...]) -> None:
+    """`imgcls --help`, `imgcls backbones` and every documented `... --help` run for real, quietly and fast."""
+    result = subprocess.run([str(IMGCLS), *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    if argv[-1] in ("--help", "-h"):
+        assert "usage: imgcls" in result.stdout
+
+
+def test_documented_backbones_are_the_registry() -> None:
+    """The backbone tables in docs/ name exactly what `imgcls backbones` lists."""
+    result = subprocess.run([str(IMGCLS), "backbones"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert "mobilenet_v2" in listed
+    pages = [DOCS / "training.md", DOCS / "backbones.md"]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in pages if p.exists())
+    undocumented = sorted(name for name in listed if not re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text))
+    assert not undocumented, f"backbones missing from docs/training.md and docs/backbones.md: {undocumented}"
+    table = re.search(r"^## Backbones\n(.*?)(?=^## |\Z)", (DOCS / "training.md").read_text(encoding="utf-8"),
+                      re.S | re.M)
+    assert table, "docs/training.md has no Backbones section"
+    named = {name.strip().removesuffix("(default)").strip()
+             for row in re.findall(r"^\| ([^|]+) \|", table.group(1), re.M)[2:] for name in row.split(",")}
+    assert named - listed == set(), f"docs/training.md names backbones imgcls does not have: {named - listed}"
+
+
+# ---------------------------------------------------------------- other examples
+
+def test_documented_make_targets_exist() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([\w.-]+):", makefile, re.M))
+    missing = [f"{_rel(b.page)}:{line}: make {argv[1]}" for page in PAGES for b in fenced_blocks(page)
+               if b.lang in SHELL_LANGS for line, argv in shell_commands(b)
+               if argv[0] == "make" and len(argv) > 1 and not argv[1].startswith("-") and argv[1] not in targets]
+    assert not missing, f"make targets the Makefile does not have: {missing}"
+
+
+def test_documented_scripts_exist() -> None:
+    """`python benchmarks/x.py ...`, `bash scripts/x.sh`: the file is in the repository."""
+    missing = []
+    for page in PAGES:
+        for block in fenced_blocks(page):
+            if block.lang not in SHELL_LANGS:
+                continue
+            for line, argv in shell_commands(block):
+                script = argv[1] if Path(argv[0]).name in ("python", "python3", "bash") and len(argv) > 1 else ""
+                if re.match(r"(benchmarks|scripts|proto|tests)/", script) and not (ROOT / script).exists():
+                    missing.append(f"{_rel(page)}:{line}: {script}")
+    assert not missing, f"documented scripts that do not exist: {missing}"
+
+
+PYTHON_BLOCKS = [b for page in PAGES for b in fenced_blocks(page) if b.lang in ("python", "py")]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"{_rel(b.page)}:{b.line}" for b in PYTHON_BLOCKS])
+def test_python_example_compiles_and_its_imgcls_imports_exist(block: Block) -> None:
+    source = "\n".join(block.lines)
+    tree = ast.parse(source, filename=f"{_rel(block.page)}:{block.line}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "imgcls":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+                    f"{_rel(block.page)}:{block.line}: {node.module} has no {alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "imgcls":
+                    importlib.import_module(alias.name)
