@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# imgcls images. Targets (README, Deployment):
+# imgcls images. Targets (docs/deployment.md):
 #   serve (default)  `imgcls serve`: ONNX Runtime + LiteRT, no TensorFlow; model repository mounted at /models
 #   bundled          serve + a model repository copied in:  --build-arg MODEL_REPOSITORY=models (a folder in the context)
 #   trainer          `imgcls` with the train,export extras (TensorFlow, tf2onnx): train/export Jobs

@@ -32,12 +32,12 @@ test-fast: install keras-cache
 lint: install
 	$(BIN)/ruff check .
 
-# Build the image with buildah from the Dockerfile and serve a tiny model in it (root; README, Deployment).
+# Build the image with buildah from the Dockerfile and serve a tiny model in it (root; docs/deployment.md, Container test).
 container-test: install
 	bash scripts/container_test.sh
 
 # Benchmark peers (Triton through nvidia-pytriton, perf_analyzer) in their own .venv-peers, never in .venv;
-# bench-peers runs imgcls and Triton side by side on the demo's flower model (README, Side-by-side with Triton).
+# bench-peers runs imgcls and Triton side by side on the demo's flower model (docs/benchmarks.md, 2026-11-29).
 peers-env:
 	bash scripts/peers_env.sh
 
