@@ -340,3 +340,36 @@ def test_python_example_compiles_and_its_imgcls_imports_exist(block: Block) -> N
             for alias in node.names:
                 if alias.name.split(".")[0] == "imgcls":
                     importlib.import_module(alias.name)
+
+
+# ---------------------------------------------------------------- flag tables against the parsers
+
+FLAG_TABLES = [("serving.md", "serve"), ("batch-jobs.md", "batch"), ("export.md", "export")]
+
+
+def parser_flags(command: str) -> list[set[str]]:
+    """The `--` option strings of each option of `imgcls COMMAND` (aliases and --no- forms together)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = [{flag for flag in action.option_strings if flag.startswith("--")}
+               for action in sub.choices[command]._actions if action.help != argparse.SUPPRESS]
+    return [flags for flags in options if flags and flags != {"--help"}]
+
+
+def table_flags(page: Path) -> set[str]:
+    """Flags named in the first column of the page's tables (rows like | `--port` | ...)."""
+    flags: set[str] = set()
+    for _, line in prose_lines(page):
+        cell = re.match(r"\|\s*(`--[^|]*)\|", line)
+        if cell:
+            flags.update(re.findall(r"--[a-z][\w-]*", cell.group(1)))
+    return flags
+
+
+@pytest.mark.parametrize("page,command", FLAG_TABLES, ids=[f"{p}:{c}" for p, c in FLAG_TABLES])
+def test_flag_table_matches_the_parser(page: str, command: str) -> None:
+    """The reference tables name every option of `imgcls COMMAND` (one of its spellings), and none it lacks."""
+    documented, options = table_flags(DOCS / page), parser_flags(command)
+    undocumented = sorted(" / ".join(sorted(flags)) for flags in options if not flags & documented)
+    assert not undocumented, f"docs/{page} does not document these options of imgcls {command}: {undocumented}"
+    unknown = sorted(documented - set().union(*options))
+    assert not unknown, f"docs/{page} documents flags that imgcls {command} does not have: {unknown}"
