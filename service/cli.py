@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--host", "address to bind, for gRPC and metrics", "0.0.0.0")
     _flag(serve, "--port", "gRPC port (0 = any free port)", 50051, type=int)
     _flag(serve, "--metrics-port", "Prometheus /metrics port (0 = any free port)", 8000, type=int)
+    _flag(serve, "--http-port", "HTTP port: KServe v2 and TF Serving REST, POST /predict, the web page at / "
+          "(0 = any free port, -1 = no HTTP; docs/http.md)", 8080, type=int)
     _flag(serve, "--runtime", "artifact format for every model, or NAME=FORMAT per model, comma-separated: "
           "onnx, tflite, tflite-fp16, tflite-int8, savedmodel; default the first full-precision one of tflite > onnx > "
           "savedmodel", "")
@@ -181,6 +183,7 @@ def serve_command(args: argparse.Namespace) -> int:
     runtime, per_model = _runtimes(args.runtime or "")
     config = ServeConfig(
         model_repository=Path(args.model_repository), host=args.host, port=args.port, metrics_port=args.metrics_port,
+        http_port=None if args.http_port < 0 else args.http_port,
         runtime=runtime, model_runtimes=per_model, versions=args.version_policy,
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
         poll_interval=args.poll_interval, require_models=args.require_models,
