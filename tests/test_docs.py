@@ -227,7 +227,9 @@ def documented_commands() -> list[Command]:
             if block.lang not in SHELL_LANGS:
                 continue
             for line, argv in shell_commands(block):
-                if argv and argv[0] == "imgcls":
+                while argv and re.match(r"[A-Z_][A-Z0-9_]*=", argv[0]):
+                    argv = argv[1:]  # IMGCLS_TARGET=... imgcls predict ...
+                if argv and Path(argv[0]).name == "imgcls":
                     commands.append(Command(page, line, tuple(argv[1:])))
     return commands
 
@@ -264,6 +266,27 @@ def test_parser_check_rejects_an_unknown_flag() -> None:
 def test_documented_command_parses(command: Command) -> None:
     status, err = parse(command.argv)
     assert status == 0, f"{command}\ndoes not parse with imgcls.cli.build_parser():\n{err}"
+
+
+def epilog_examples() -> list[tuple[str, tuple[str, ...]]]:
+    """The examples each subcommand's --help shows (its epilog): (subcommand, argv)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    examples = []
+    for name, parser in sub.choices.items():
+        block = Block(README, "sh", tuple((parser.epilog or "").splitlines()), 0)
+        for _, argv in shell_commands(block):
+            while argv and re.match(r"[A-Z_][A-Z0-9_]*=", argv[0]):
+                argv = argv[1:]
+            if argv and argv[0] == "imgcls":
+                examples.append((name, tuple(argv[1:])))
+    return examples
+
+
+@pytest.mark.parametrize("name,argv", epilog_examples(), ids=[" ".join(a) for _, a in epilog_examples()])
+def test_help_example_parses(name: str, argv: tuple[str, ...]) -> None:
+    """The examples in `imgcls COMMAND --help` are held to the same parser as the docs'."""
+    status, err = parse(argv)
+    assert status == 0, f"an example in imgcls {name} --help does not parse: imgcls {shlex.join(argv)}\n{err}"
 
 
 CHEAP = [c for c in COMMANDS if c.argv and (c.argv[-1] in ("--help", "-h", "--version") or c.argv == ("backbones",))]
