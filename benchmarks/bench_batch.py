@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         try:
             port, _ = server.wait_ports()
-            from imgcls.service.client import Client
+            from imgcls.client.client import Client
 
             with Client(f"127.0.0.1:{port}") as client:
                 client.wait_until_serving(120)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as triton
 
     from imgcls.service import protocols
-    from imgcls.service.client import Client
+    from imgcls.client.client import Client
     from imgcls.service.kserve_tensors import join_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

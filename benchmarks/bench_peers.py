@@ -44,7 +44,7 @@ import bench_service  # the sibling script: its in-process and Predict measureme
 
 from imgcls.preprocessing import IMAGE_EXTENSIONS
 from imgcls.service import repository, runtimes
-from imgcls.service.client import Client
+from imgcls.client.client import Client
 from imgcls.service.server import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]

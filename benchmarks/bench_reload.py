@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from imgcls.service.client import Client, ServiceError
+    from imgcls.client.client import Client, ServiceError
 
     source = next((e for e in repository.scan(args.model_repository) if e.name == args.model), None)
     if source is None:

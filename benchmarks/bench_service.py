@@ -132,7 +132,7 @@ class Server:
 
 def bench_server(target: str, model: str, data: list[bytes], concurrency: list[int], duration: float) -> list[dict]:
     """(c): N closed-loop clients, one single-image Predict at a time each."""
-    from imgcls.service.client import Client
+    from imgcls.client.client import Client
 
     rows = []
     with Client(target, timeout=30) as client:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -42,8 +41,7 @@ from typing import Any, TextIO, TypeVar
 
 import grpc
 
-from imgcls.errors import ImgclsError
-from imgcls.service.batch_io import (
+from imgcls.client.batch_io import (
     InputSource,
     PathIndex,
     ResultWriter,
@@ -53,8 +51,17 @@ from imgcls.service.batch_io import (
     path_key,
     read_existing,
 )
-from imgcls.service.client import Backoff, Client, ServiceError, retryable
-from imgcls.service.records import error_record, ok_record, read_error_record
+from imgcls.client.client import Backoff, Client, ServiceError, retryable
+from imgcls.client.predict import (
+    MAX_MESSAGE_BYTES,
+    is_unreachable,
+    read_files,
+    send,
+    short_reason,
+    unreachable,
+)
+from imgcls.client.records import error_record
+from imgcls.errors import ImgclsError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 # Codes that no retry and no other file can fix: the job as configured cannot run.
 FATAL = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION})
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the client channel's limit, as the server's default
 
 EXIT_OK, EXIT_FAILED_FILES, EXIT_SERVER_GONE, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -108,6 +114,7 @@ class ServerGone(Exception):
     def __init__(self, exc: ServiceError, retries: int) -> None:
         super().__init__(f"{exc.code.name} after {retries} retries: {exc.message}")
         self.code = exc.code
+        self.error = exc
 
 
 @dataclass
@@ -379,7 +386,7 @@ class BatchJob:
                 delay = self._backoff.delay(attempt, exc.retry_after)
                 waiting = ("the server to have room" if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
                            else f"{self.cfg.target} to come back")
-                self._note(exc.code.name, f"waiting for {waiting} ({exc.code.name}: {exc.message[:120]}) for "
+                self._note(exc.code.name, f"waiting for {waiting} ({exc.code.name}: {short_reason(exc)}) for "
                                           f"{what}; retry {attempt + 1}/{self.cfg.retries} in {delay:.1f} s")
             except ValueError:  # "Cannot invoke RPC on closed channel": the job is stopping
                 if self.stop.is_set():
@@ -391,21 +398,8 @@ class BatchJob:
     # -- one request's worth of files --
 
     def _process(self, paths: list[str]) -> _ChunkResult:
-        records: list[dict[str, Any]] = []
-        items: list[tuple[str, bytes]] = []
-        for path in paths:
-            try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size > MAX_MESSAGE_BYTES:  # checked first: read(n) would allocate n bytes up front
-                        records.append(error_record(path, "INVALID_ARGUMENT", f"file is {size} bytes, over the "
-                                                    f"{MAX_MESSAGE_BYTES} bytes a request may carry"))
-                        continue
-                    data = f.read()
-            except OSError as exc:
-                records.append(read_error_record(path, exc))
-                continue
-            items.append((path, data))
+        items, unreadable = read_files(paths, MAX_MESSAGE_BYTES)
+        records: list[dict[str, Any]] = [record for _, record in unreadable]
         group: list[tuple[str, bytes]] = []
         size = 0
         for path, data in items:  # split further so that no request goes over --max-request-bytes
@@ -424,18 +418,11 @@ class BatchJob:
         `split`: the split request this single file comes from (see `_failed`)."""
         what = f"{len(group)} files" if len(group) > 1 else group[0][0]
         try:
-            prediction = self._with_retries(lambda: self.client.predict(
-                [data for _, data in group], model=self.model, version=self.cfg.version, top_k=self.top_k,
-                timeout=self.cfg.timeout), what, count_losses=True)
+            return self._with_retries(lambda: send(
+                self.client, group, model=self.model, version=self.cfg.version, top_k=self.top_k,
+                timeout=self.cfg.timeout, single_invalid_is_row=False), what, count_losses=True)
         except ServiceError as exc:
             return self._failed(group, exc, server_lost, split)
-        out = []
-        for (path, _), result in zip(group, prediction.results, strict=True):
-            if result.error is not None:
-                out.append(error_record(path, result.error.code, result.error.message))
-            else:
-                out.append(ok_record(path, prediction.model, prediction.version, result.labels))
-        return out
 
     def _failed(self, group: list[tuple[str, bytes]], exc: ServiceError, server_lost: int,
                 split: _SplitPass | None = None) -> list[dict[str, Any]]:
@@ -513,7 +500,11 @@ class BatchJob:
         started = time.monotonic()
         try:
             meta = self._with_retries(lambda: self.client.metadata(cfg.model, cfg.version, timeout=cfg.timeout))
-        except (ServiceError, ServerGone) as exc:
+        except ServerGone as exc:  # the server never answered: exit 3, as documented
+            raise unreachable(cfg.target, exc.error) from None
+        except ServiceError as exc:
+            if is_unreachable(exc):
+                raise unreachable(cfg.target, exc) from None
             what = f"model {cfg.model!r}" if cfg.model else "the served model"
             raise ImgclsError(f"cannot get {what} from {cfg.target}: {exc}") from None
         self.model, self.top_k = meta.name, min(cfg.top_k, len(meta.class_names))

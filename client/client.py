@@ -1,6 +1,6 @@
 """A small typed client for the imgcls gRPC service.
 
-    from imgcls.service.client import Client
+    from imgcls.client import Client
 
     with Client("localhost:50051") as client:
         prediction = client.predict(["a.jpg", "b.png"], model="flowers", top_k=3)
@@ -200,11 +200,14 @@ class Client:
         max_backoff: float = 2.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         channel: grpc.Channel | None = None,
+        on_retry: Callable[[ServiceError, int, float], None] | None = None,
     ) -> None:
         """`timeout`: seconds per call, all attempts together (None: no deadline). `retries`: at most this many
         retries per call (None: as many as the timeout allows; 0: none). `backoff`/`max_backoff`: the first
-        retry delay and its cap."""
+        retry delay and its cap. `on_retry(error, attempt, delay)` is called before each retry's sleep, so a
+        program can say what it is waiting for instead of looking hung (the CLI prints it)."""
         self.target = target
+        self.on_retry = on_retry
         self.timeout = timeout
         self.retries = retries
         self.backoff = Backoff(backoff, max_backoff)
@@ -253,6 +256,8 @@ class Client:
                 if left < self.MIN_ATTEMPT_S or (error.retry_after or 0.0) > left:
                     raise error  # no time for another attempt (or the server asked us to stay away longer)
                 delay = min(delay, left - self.MIN_ATTEMPT_S)
+            if self.on_retry is not None:
+                self.on_retry(error, attempt, delay)
             time.sleep(delay)
             attempt += 1
 

@@ -106,7 +106,7 @@ class Server:
                 self.ports.put((int(found[1]), int(found[2])))
 
     def wait_ready(self, timeout: float = 180) -> int:
-        from imgcls.service.client import Client, ServiceError
+        from imgcls.client.client import Client, ServiceError
 
         deadline = time.monotonic() + timeout
         while True:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         result = imgcls("batch", "--target", f"127.0.0.1:{port}", "--model", MODEL, "--input", str(test_dir),
                         "--output", str(predictions), "--labels-from-folders", "--json", *args.batch_arg,
                         capture=True)
-        from imgcls.service.batch import BatchSummary, format_summary
+        from imgcls.client.batch import BatchSummary, format_summary
 
         summary = BatchSummary(**json.loads(result.stdout))
         say(format_summary(summary))

@@ -244,7 +244,7 @@ def gated_server(repo: Path, model: str = "tiny", **overrides) -> Iterator:
 
 
 def client_for(server, **kwargs):
-    from imgcls.service.client import Client
+    from imgcls.client.client import Client
 
     return Client(f"127.0.0.1:{server.port}", **kwargs)
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"training": "imgcls.training", "export": "imgcls.export", "service": "imgcls.service"}
+# The client side (client/: predict, batch, the Python clients) is a stage like the others: it talks to the
+# server over the wire only, so the server never imports it and it never imports the server.
+STAGES = {"training": "imgcls.training", "export": "imgcls.export", "service": "imgcls.service",
+          "client": "imgcls.client"}
+# Core modules that may name a stage, and only inside a function (loaded when called, never on import):
+# the CLI loads the stages' parsers, and the Python API's `imgcls.train` runs the training stage.
+LAZY_STAGE_IMPORTS = {"cli.py": set(STAGES.values()), "api.py": {"imgcls.training"}}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -34,19 +40,67 @@ def test_stage_imports_no_other_stage(stage):
         assert not bad, f"{path.relative_to(ROOT)} imports another stage: {bad}"
 
 
+def _module_level_imports(path: Path) -> set[str]:
+    """Imports executed when the module is imported (not those inside a function or a TYPE_CHECKING block)."""
+    names: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return names
+
+
+def _stage_of(module: str) -> str | None:
+    return next((pkg for pkg in STAGES.values() if module == pkg or module.startswith(pkg + ".")), None)
+
+
 def test_core_imports_no_stage_and_no_tensorflow():
     for path in (ROOT / "imgcls").glob("*.py"):
         mods = imported_modules(path)
         assert not {m for m in mods if m.split(".")[0] in ("tensorflow", "tf_keras")}, path
-        stage_imports = {m for m in mods if any(m.startswith(p) for p in STAGES.values())}
-        if path.name != "cli.py":  # the CLI names the stage modules as strings, loaded lazily
-            assert not stage_imports, path
+        at_import = {m for m in _module_level_imports(path) if _stage_of(m)}
+        assert not at_import, f"imgcls/{path.name} imports a stage when imported: {at_import}"
+        lazy = {_stage_of(m) for m in mods if _stage_of(m)}
+        allowed = LAZY_STAGE_IMPORTS.get(path.name, set())
+        assert lazy <= allowed, f"imgcls/{path.name} imports {lazy - allowed}; the core knows no stage"
+
+
+def test_server_and_client_never_import_each_other():
+    """Explicitly, as the issue asked: the client side is its own program (a stage among the others)."""
+    for folder, other in (("service", "imgcls.client"), ("client", "imgcls.service")):
+        for path in (ROOT / folder).rglob("*.py"):
+            bad = {m for m in imported_modules(path) if m == other or m.startswith(other + ".")}
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
 def test_core_preprocessing_loads_without_tensorflow():
     code = ("import sys, imgcls.preprocessing, imgcls.manifest, imgcls.backbones, imgcls.cli;"
             "imgcls.cli.build_parser();"
             "print(sorted(m for m in ('tensorflow', 'tf_keras', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_api_loads_no_stage_and_no_tensorflow_until_used():
+    """`import imgcls` and the names of the Python API (imgcls.Classifier, imgcls.train) stay light: the
+    training stage loads when `imgcls.train(...)` is called, TensorFlow only for a SavedModel or training."""
+    code = ("import sys, imgcls; imgcls.Classifier, imgcls.train, imgcls.Bundle;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')"
+            " or m.startswith(('imgcls.training', 'imgcls.export', 'imgcls.service', 'imgcls.client'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

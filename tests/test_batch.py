@@ -19,8 +19,8 @@ from service_fixtures import TINY_CLASSES, GatedRuntime, metric, running_server,
 
 from imgcls.cli import main
 from imgcls.errors import ImgclsError
-from imgcls.service.batch import BatchConfig, BatchJob, BatchSummary
-from imgcls.service.batch_io import csv_columns
+from imgcls.client.batch import BatchConfig, BatchJob, BatchSummary
+from imgcls.client.batch_io import csv_columns
 
 pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
 
@@ -355,7 +355,7 @@ def test_retry_errors_sends_failed_files_again(server, photos, tmp_path):
 
 
 def test_glob_patterns_match_like_the_shell(tmp_path):
-    from imgcls.service.batch_io import open_input
+    from imgcls.client.batch_io import open_input
 
     for name in ("a/x.jpg", "a/b/y.jpg", "a/b/c/z.PNG", "a/.h/w.jpg", "q.jpg", "a/x.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +378,7 @@ def test_glob_patterns_match_like_the_shell(tmp_path):
 
 
 def test_path_index_merges_and_finds_everything():
-    from imgcls.service.batch_io import PathIndex, path_key
+    from imgcls.client.batch_io import PathIndex, path_key
 
     index = PathIndex(merge_every=7)
     keys = [path_key(f"/data/{i}.jpg") for i in range(100)]
@@ -388,7 +388,7 @@ def test_path_index_merges_and_finds_everything():
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
-    from imgcls.service.batch import Progress
+    from imgcls.client.batch import Progress
 
     progress = Progress(None, interval=0.0)
     assert progress.mode == "lines"

@@ -19,7 +19,7 @@ import pytest
 from test_client_retry import FakeServer, fake_server
 
 from imgcls.cli import main
-from imgcls.service.batch import EXIT_FAILED_FILES, EXIT_OK, EXIT_SERVER_GONE, BatchConfig, BatchJob, BatchSummary
+from imgcls.client.batch import EXIT_FAILED_FILES, EXIT_OK, EXIT_SERVER_GONE, BatchConfig, BatchJob, BatchSummary
 from imgcls.v1 import inference_pb2 as pb
 
 SLOW, POISON, FLAKY = b"SLOW-FILE", b"POISON-FILE", b"FLAKY-FILE"
@@ -293,8 +293,10 @@ def test_cli_exit_codes_match_the_help(tmp_path, capsys):
         assert "NOT_FOUND" in err and "Traceback" not in err
     port_without_server = server.port
     assert main(["batch", "--target", f"127.0.0.1:{port_without_server}", "--input", str(folder), "--no-progress",
-                 "--output", str(tmp_path / "c.jsonl"), "--retries", "1", "--backoff", "0.01"]) == 2  # no model
-    assert "cannot get the served model" in capsys.readouterr().err
+                 "--output", str(tmp_path / "c.jsonl"), "--retries", "1", "--backoff", "0.01"]) == EXIT_SERVER_GONE
+    err = capsys.readouterr().err
+    assert f"waiting for 127.0.0.1:{port_without_server}" in err  # says what it waits for while it retries
+    assert f"is imgcls serve running at 127.0.0.1:{port_without_server}? set --target or IMGCLS_TARGET" in err
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED])

@@ -21,7 +21,7 @@ pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
 
 MEASURE = """
 import json, resource, sys, tracemalloc
-import imgcls.cli, imgcls.service.batch, imgcls.service.batch_io, imgcls.service.client
+import imgcls.cli, imgcls.client.batch, imgcls.client.batch_io, imgcls.client.client
 imgcls.cli.build_parser()  # every module the command needs is imported before measuring
 tracemalloc.start()
 rc = imgcls.cli.main(sys.argv[1:])

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imgcls.service.client import Backoff, Client, ServiceError
+from imgcls.client.client import Backoff, Client, ServiceError
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 

@@ -23,7 +23,7 @@ from service_fixtures import (
     scrape,
 )
 
-from imgcls.service.client import ServiceError
+from imgcls.client.client import ServiceError
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 

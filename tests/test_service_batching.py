@@ -25,7 +25,7 @@ from service_fixtures import (
 )
 
 from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, QueueFull
-from imgcls.service.client import ServiceError
+from imgcls.client.client import ServiceError
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 

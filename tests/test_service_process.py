@@ -17,7 +17,7 @@ import grpc
 import pytest
 from service_fixtures import sample_image
 
-from imgcls.service.client import Client, ServiceError
+from imgcls.client.client import Client, ServiceError
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 
@@ -120,7 +120,7 @@ def test_service_modules_do_not_import_tensorflow(service_repo):
     code = (
         "import sys\n"
         "import imgcls.service.batcher, imgcls.service.cli, imgcls.service.metrics, imgcls.service.repository\n"
-        "from imgcls.service.client import Client\n"
+        "from imgcls.client.client import Client\n"
         "from imgcls.service.server import InferenceServer, ServeConfig\n"
         f"s = InferenceServer(ServeConfig(model_repository={str(service_repo)!r}, host='127.0.0.1', port=0,"
         " metrics_port=0)).start()\n"
