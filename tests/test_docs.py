@@ -15,16 +15,23 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import json
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from imgcls.cli import build_parser
+
+pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture (the tiny model repository)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -396,3 +403,77 @@ def test_flag_table_matches_the_parser(page: str, command: str) -> None:
     assert not undocumented, f"docs/{page} does not document these options of imgcls {command}: {undocumented}"
     unknown = sorted(documented - set().union(*options))
     assert not unknown, f"docs/{page} documents flags that imgcls {command} does not have: {unknown}"
+
+
+# ---------------------------------------------------------------- the README's quick start, run
+
+def quick_start() -> dict[str, list[str]]:
+    """The README's quick-start commands by subcommand (the fenced block that trains, exports and serves)."""
+    for block in fenced_blocks(README):
+        commands = {argv[1]: argv for _, argv in shell_commands(block) if argv[0] == "imgcls" and len(argv) > 1}
+        if {"train", "export", "serve", "predict", "batch"} <= set(commands):
+            return commands
+    raise AssertionError("README.md has no quick-start block with train, export, serve, predict and batch")
+
+
+@pytest.mark.slow
+def test_readme_quick_start_serves_predicts_and_batches(service_repo: Path, tmp_path: Path) -> None:
+    """The README's serve, predict and batch lines run verbatim (ports come from the environment, as every
+    serve flag can) on a published copy of the tiny fixture model under the README's model name; train and
+    export are too slow for here and are parsed above (tests/test_train.py and test_export.py run them)."""
+    from service_fixtures import TINY_CLASSES, sample_image
+
+    from imgcls.manifest import parse_manifest, read_manifest, write_manifest
+
+    commands = quick_start()
+    serve, predict, batch = commands["serve"], commands["predict"], commands["batch"]
+    name = batch[batch.index("--model") + 1]
+    assert predict[predict.index("--model") + 1] == name
+    repo = tmp_path / serve[serve.index("--model-repository") + 1]
+    shutil.copytree(service_repo / "tiny" / "2", repo / name / "1")
+    manifest = read_manifest(repo / name / "1").model_dump(mode="json")
+    write_manifest(repo / name / "1", parse_manifest({**manifest, "name": name, "version": 1}))
+    for i, path in enumerate(a for a in predict[2:] if not a.startswith("-") and a != name):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(sample_image(i))
+    folder = tmp_path / batch[batch.index("--input") + 1]
+    for i in range(5):
+        (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"sub{i % 2}" / f"{i}.jpg").write_bytes(sample_image(10 + i))
+
+    env = {**os.environ, "IMGCLS_HOST": "127.0.0.1", "IMGCLS_PORT": "0", "IMGCLS_METRICS_PORT": "0",
+           "IMGCLS_HTTP_PORT": "-1", "IMGCLS_WORKERS": "1", "IMGCLS_INFERENCE_THREADS": "1",
+           "IMGCLS_DECODE_WORKERS": "1", "IMGCLS_GRACE_PERIOD": "5"}
+    env.pop("IMGCLS_TARGET", None)
+    server = subprocess.Popen([str(IMGCLS), *serve[1:]], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        log = []
+        for line in server.stderr:  # ends when the server exits: the assertion below then shows why
+            log.append(line)
+            port = re.search(r"gRPC on [\d.]+:(\d+)", line)
+            if port:
+                break
+        assert port, f"imgcls serve did not start:\n{''.join(log)}"
+        threading.Thread(target=lambda: [log.append(line) for line in server.stderr], daemon=True).start()
+        env["IMGCLS_TARGET"] = f"127.0.0.1:{port[1]}"
+
+        shown = subprocess.run([str(IMGCLS), *predict[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert any(label in shown.stdout for label in TINY_CLASSES), shown.stdout
+
+        done = subprocess.run([str(IMGCLS), *batch[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        output = tmp_path / batch[batch.index("--output") + 1]
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        assert len(rows) == 5 and all(row["model"] == name and row["labels"] for row in rows), rows
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            assert server.wait(30) == 0, "".join(log)  # the documented drain: SIGTERM, exit 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(10)
