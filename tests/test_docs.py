@@ -370,6 +370,14 @@ def test_python_example_compiles_and_its_imgcls_imports_exist(block: Block) -> N
             for alias in node.names:
                 if alias.name.split(".")[0] == "imgcls":
                     importlib.import_module(alias.name)
+    # `import imgcls` then `imgcls.NAME`: the package has NAME (its API names load lazily, cheaply)
+    import imgcls
+
+    aliases = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if alias.name == "imgcls"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            assert hasattr(imgcls, node.attr), f"{_rel(block.page)}:{block.line}: imgcls has no {node.attr}"
 
 
 # ---------------------------------------------------------------- flag tables against the parsers
