@@ -205,13 +205,13 @@ def add_routes(router: web.UrlDispatcher, http: HttpServer) -> None:
     model = "/v1/models/{name:[^/:]+}"
     targets = (model, model + "/versions/{version:[^/:]+}", model + "/labels/{label:[^/:]+}")
 
-    def route(add, path: str, method: str, handler, inference: bool = False) -> None:
+    def route(verb: str, path: str, method: str, handler, inference: bool = False) -> None:
         async def endpoint(request: web.Request) -> web.StreamResponse:
             return await http.run(request, f"tfserving.{method}", handler, inference=inference)
-        add(path, endpoint)
+        router.add_route(verb, path, endpoint)
 
     for target in targets:
-        route(router.add_get, target, "GetModelStatus", api.status)
-        route(router.add_get, target + "/metadata", "GetModelMetadata", api.metadata)
-        route(router.add_post, target + ":predict", "Predict", api.predict, inference=True)
-        route(router.add_post, target + ":classify", "Classify", api.classify, inference=True)
+        route("GET", target, "GetModelStatus", api.status)
+        route("GET", target + "/metadata", "GetModelMetadata", api.metadata)
+        route("POST", target + ":predict", "Predict", api.predict, inference=True)
+        route("POST", target + ":classify", "Classify", api.classify, inference=True)
