@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "imgcls serve --model-repository runs/repo",
                         "imgcls predict photo.jpg",
                         "imgcls batch --input photos/ --output results.jsonl",
-                        "imgcls COMMAND --help   # every command's options (also in docs/cli.md)"),
+                        "imgcls train --help   # any command's options (all of them: docs/cli.md)"),
     )
     parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
