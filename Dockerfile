@@ -41,6 +41,7 @@ COPY imgcls/ imgcls/
 COPY training/ training/
 COPY export/ export/
 COPY service/ service/
+COPY client/ client/
 # The base install: `pip install .` without extras (no TensorFlow).
 RUN --mount=type=secret,id=pip_ca \
     set -eu; \
@@ -69,6 +70,7 @@ COPY imgcls/ imgcls/
 COPY training/ training/
 COPY export/ export/
 COPY service/ service/
+COPY client/ client/
 RUN --mount=type=secret,id=pip_ca \
     set -eu; \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
