@@ -88,7 +88,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     IMGCLS_MODEL_REPOSITORY=/models \
     IMGCLS_HOST=0.0.0.0 \
     IMGCLS_PORT=50051 \
-    IMGCLS_METRICS_PORT=8000
+    IMGCLS_METRICS_PORT=8000 \
+    IMGCLS_HTTP_PORT=8080
 WORKDIR /tmp
 
 
@@ -96,8 +97,8 @@ WORKDIR /tmp
 FROM runtime-base AS runtime
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
-# 50051 gRPC (imgcls.v1.Inference, grpc.health.v1, reflection), 8000 Prometheus /metrics
-EXPOSE 50051 8000
+# 50051 gRPC (imgcls.v1.Inference, grpc.health.v1, reflection), 8000 Prometheus /metrics, 8080 HTTP (docs/http.md)
+EXPOSE 50051 8000 8080
 # Standard grpc.health.v1 check of the whole server (Kubernetes uses its native gRPC probes instead).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import os, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('IMGCLS_PORT', '50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=4); raise SystemExit(r.status != h.HealthCheckResponse.SERVING)"]

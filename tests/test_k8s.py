@@ -251,7 +251,8 @@ def test_server_deployment(rendered, overlay):
     spec = pod_spec(deployment)
     (container,) = spec["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["IMGCLS_PORT"]), "metrics": int(env["IMGCLS_METRICS_PORT"])}
+    assert ports == {"grpc": int(env["IMGCLS_PORT"]), "metrics": int(env["IMGCLS_METRICS_PORT"]),
+                     "http": int(env["IMGCLS_HTTP_PORT"])}
     assert env["IMGCLS_MODEL_REPOSITORY"] == "/models"
     assert {"mountPath": "/models", "name": "models", "readOnly": True} in container["volumeMounts"]
 
@@ -336,6 +337,7 @@ def test_services_policies_and_monitoring_select_the_right_pods(rendered, overla
     batch = one(docs, "Job", "imgcls-batch")
     grpc_rule = next(r for r in server_policy["spec"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"])
     assert any(selects(peer["podSelector"]["matchLabels"], pod_labels(batch)) for peer in grpc_rule["from"])
+    assert {"port": "http", "protocol": "TCP"} in grpc_rule["ports"]  # HTTP clients are admitted like gRPC ones
 
 
 def test_queue_time_autoscaling_variant(rendered):
@@ -458,7 +460,7 @@ def test_dockerfile_matches_the_manifests(rendered):
     assert 'ENTRYPOINT ["imgcls", "serve"]' in runtime
     exposed = {int(p) for line in stages["runtime"] if line.startswith("EXPOSE") for p in line.split()[1:]}
     env = server_env(rendered["prod"])
-    assert exposed == {int(env["IMGCLS_PORT"]), int(env["IMGCLS_METRICS_PORT"])}
+    assert exposed == {int(env["IMGCLS_PORT"]), int(env["IMGCLS_METRICS_PORT"]), int(env["IMGCLS_HTTP_PORT"])}
     assert "IMGCLS_MODEL_REPOSITORY=/models" in runtime
     assert not any("apt-get" in line for line in stages["runtime-base"] + stages["runtime"]), "no packages in runtime"
     assert "USER 10001:10001" in " ".join(stages["trainer"])
