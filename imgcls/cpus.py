@@ -149,3 +149,15 @@ def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None, affin
     """min(CPU affinity, cgroup CPU quota rounded up), at least 1. `root` and `proc_cgroup` let a test fake
     the cgroup file tree; `affinity` overrides the affinity count (tests)."""
     return cpu_limits(root, proc_cgroup, affinity).usable
+
+
+# `imgcls serve --workers auto`: one serving process per this many usable CPUs. Why 4 (docs/scaling.md): per
+# core, a process does best with few cores (issue 16 measured 55 img/s per core at 2 cores, 40 at 6, 29 at 12),
+# but every process holds its own copy of each model and a batch of one runs on its process's threads only, so
+# fewer, larger processes keep memory and single-request latency down. 4 keeps a 2- or 3-CPU pod at one process.
+CPUS_PER_WORKER = 4
+
+
+def auto_workers(cpus: int) -> int:
+    """Serving processes for `cpus` usable CPUs (`--workers auto`)."""
+    return max(1, cpus // CPUS_PER_WORKER)

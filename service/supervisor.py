@@ -109,6 +109,7 @@ class Supervisor:
         self.folder = Path(tempfile.mkdtemp(prefix="imgcls-serve-"))
         self.workers: list[Worker] = []
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._sockets: list[socket.socket] = []
         self._httpd = None
@@ -129,6 +130,11 @@ class Supervisor:
             self._sockets.append(grpc_sock)
             self.port = grpc_sock.getsockname()[1]
             worker_cfg = replace(cfg, port=self.port)
+            if cfg.http_port is not None:  # the HTTP front-end's port is shared the same way
+                http_sock = reserve_port(cfg.host, cfg.http_port)
+                self._sockets.append(http_sock)
+                self.http_port = http_sock.getsockname()[1]
+                worker_cfg = replace(worker_cfg, http_port=self.http_port)
             cluster.create_state(self.folder, self.count)
             (self.folder / "config.json").write_text(worker_cfg.to_json())
             self._board = cluster.StateBoard(self.folder)
@@ -140,9 +146,10 @@ class Supervisor:
         except BaseException:
             self._cleanup()
             raise
-        log.info("gRPC on %s:%d, metrics on %s:%d/metrics: %d workers, each with %d inference thread(s) per "
+        http = f", HTTP on {cfg.host}:{self.http_port}" if cfg.http_port is not None else ""
+        log.info("gRPC on %s:%d, metrics on %s:%d/metrics%s: %d workers, each with %d inference thread(s) per "
                  "model and %d decode worker(s); %d model(s) in the repository", cfg.host, self.port, cfg.host,
-                 self.metrics_port, self.count, cfg.inference_threads, cfg.decode_workers, len(on_disk))
+                 self.metrics_port, http, self.count, cfg.inference_threads, cfg.decode_workers, len(on_disk))
         self.workers = [self._spawn(i) for i in range(self.count)]
         return self
 
@@ -219,13 +226,17 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def supervise(self) -> None:
+        """Check on the workers a few times a second until a stop is requested (or the start failed)."""
+        while not self._stop_requested.wait(0.2):
+            self.check()
+
     def serve_forever(self) -> int:
         """Start, supervise, drain every worker on SIGTERM/SIGINT; 0 when every worker drained cleanly."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
         self.start()
-        while not self._stop_requested.wait(0.2):
-            self.check()
+        self.supervise()
         if self.failure is not None:
             self.stop()
             raise self.failure
