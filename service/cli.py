@@ -8,11 +8,13 @@ with dashes as underscores (`--metrics-port` <- IMGCLS_METRICS_PORT); a flag on 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from imgcls.cli_format import add_command
+from imgcls.cpus import CPUS_PER_WORKER, auto_workers
 from imgcls.errors import ImgclsError
 
 
@@ -76,8 +78,12 @@ def register(sub: argparse._SubParsersAction) -> None:
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
     _flag(serve, "--require-models", "true: an empty repository is an error at start, as before; false: stay up, "
           "NOT_SERVING, until the first version appears", "false", type=_bool, metavar="BOOL")
-    _flag(serve, "--inference-threads", "threads per model runtime", None, type=int)
-    _flag(serve, "--decode-workers", "image decode/preprocess threads", None, type=int)
+    _flag(serve, "--workers", "serving processes sharing the ports (docs/scaling.md): a number, or auto = one per "
+          f"{CPUS_PER_WORKER} usable CPUs (affinity and cgroup quota), at least 1", "auto", metavar="N|auto")
+    _flag(serve, "--inference-threads", "threads per model runtime, per worker (default: usable CPUs / workers)",
+          None, type=int)
+    _flag(serve, "--decode-workers", "image decode/preprocess processes, per worker (default: usable CPUs / "
+          "workers)", None, type=int)
     _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "
           "health checks are never refused", 1024, type=int)
     _flag(serve, "--max-batch-size", "largest batch the dynamic batcher forms", 32, type=int)
@@ -132,8 +138,23 @@ def _model_policies(values: list[str] | str | None) -> dict[str, str]:
     return policies
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    from imgcls.service.server import InferenceServer, ServeConfig
+def _workers(text: str, cpus: int) -> int:
+    if str(text).strip().lower() == "auto":
+        return auto_workers(cpus)
+    try:
+        workers = int(text)
+    except ValueError:
+        raise ImgclsError(f"--workers {text!r}: expected a number or auto") from None
+    if workers < 1:
+        raise ImgclsError("--workers must be at least 1 (or auto)")
+    return workers
+
+
+def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
+    """The config each serving process runs with, and how many processes (`--workers`): sized from the CPUs
+    this process may use (affinity and cgroup quota, imgcls.cpus) unless the flags say otherwise."""
+    from imgcls.cpus import usable_cpus
+    from imgcls.service.server import ServeConfig
 
     if not args.model_repository:
         raise ImgclsError("--model-repository (or IMGCLS_MODEL_REPOSITORY) is required")
@@ -159,4 +180,23 @@ def serve_command(args: argparse.Namespace) -> int:
         config.inference_threads = args.inference_threads
     if args.decode_workers is not None:
         config.decode_workers = args.decode_workers
-    return InferenceServer(config).serve_forever()
+    cpus = usable_cpus()
+    workers = _workers(args.workers, cpus)
+    if workers > 1:
+        from imgcls.service.supervisor import plan
+
+        config = plan(config, workers, cpus, explicit_inference=args.inference_threads is not None,
+                      explicit_decode=args.decode_workers is not None)
+    return config, workers
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from imgcls.service.server import InferenceServer
+
+    config, workers = serve_config(args)
+    if workers == 1:
+        return InferenceServer(config).serve_forever()
+    from imgcls.service.supervisor import Supervisor
+
+    level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "INFO"
+    return Supervisor(config, workers, log_level=level).serve_forever()
