@@ -96,9 +96,9 @@ class TritonServer:
 
     def __init__(self, peers: Peers, repo: Path, model: str, instances: int,
                  script: str = "triton_backend.py") -> None:
-        self.grpc_port = free_port()
+        self.grpc_port, self.http_port = free_port(), free_port()
         cmd = [str(peers.python), str(ROOT / "benchmarks" / script), "--model-repository", str(repo),
-               "--model", model, "--grpc-port", str(self.grpc_port), "--http-port", str(free_port()),
+               "--model", model, "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                "--metrics-port", str(free_port()), "--threads", str(SERVE_DEFAULTS.inference_threads),
                "--decode-workers", str(SERVE_DEFAULTS.decode_workers), "--instances", str(instances),
                "--max-batch-size", str(SERVE_DEFAULTS.max_batch_size),
@@ -168,13 +168,14 @@ def write_input_data(data: list[bytes], input_name: str, path: Path) -> Path:
 
 
 def perf_analyzer(peers: Peers, url: str, model: str, input_json: Path, concurrency: int, duration: float,
-                  stability: float, workdir: Path) -> dict:
-    """One concurrency level, closed loop, synchronous gRPC calls of one image each. perf_analyzer reports the
+                  stability: float, workdir: Path, protocol: str = "grpc") -> dict:
+    """One concurrency level, closed loop, synchronous calls of one image each over `protocol` (grpc, or http:
+    KServe v2 REST with the binary tensor extension, benchmarks/bench_http.py). perf_analyzer reports the
     last 3 measurement windows merged once they agree within `stability` percent, so each window is
     duration/3 and the figures cover about `duration` seconds. An unstable level is re-run accepting any
     spread and marked `stable: false`."""
     csv_path = workdir / f"pa-{url.rsplit(':', 1)[1]}-{concurrency}.csv"
-    base = [str(peers.perf_analyzer), "-m", model, "-u", url, "-i", "grpc", "-b", "1",
+    base = [str(peers.perf_analyzer), "-m", model, "-u", url, "-i", protocol, "-b", "1",
             "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(input_json),
             "--measurement-interval", str(max(500, round(duration * 1000 / 3))), "-f", str(csv_path)]
     timeout = 12 * duration + 120

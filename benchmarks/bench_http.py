@@ -1,0 +1,218 @@
+"""HTTP against gRPC on one `imgcls serve`, and against Triton's HTTP endpoint: same model, same images, one run.
+
+At 1, 8 and 32 closed-loop clients sending single-image requests, level by level and back to back (so a change
+in the machine's load hits every row of a level alike):
+
+- imgcls `Predict` over gRPC (bench_service.py's Python client: the reference);
+- imgcls `POST /predict` over HTTP, the raw photo as the body (a Python client of the same kind: a thread per
+  client, each with its keep-alive connection);
+- imgcls KServe v2 REST with the binary tensor extension, driven by Triton's `perf_analyzer -i http`;
+- imgcls KServe v2 gRPC, by `perf_analyzer -i grpc` (the same client over the other protocol);
+- Triton 2.51 (Python backend, the bench_peers.py setup: the same ONNX file, decode and preprocessing in the
+  server) over its KServe v2 REST, by `perf_analyzer -i http`.
+
+Goals (issue 17): HTTP >= 90% of gRPC Predict's throughput at 32 clients and its p50 within 2 ms at 1 client;
+imgcls's KServe REST >= Triton's at every concurrency. Needs `make peers-env` for perf_analyzer and Triton
+(without it, only the two Python-client rows).
+
+    nice -n 10 python benchmarks/bench_http.py --model-repository runs/repo --model flowers \\
+        --images ~/.keras/datasets/flower_photos --duration 10 --json runs/bench_http.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_peers  # the sibling scripts: Triton launcher, perf_analyzer runner, image loading
+import bench_service
+
+from imgcls.service import repository
+
+CONCURRENCY = (1, 8, 32)
+TRITON = "Triton 2.51 (Python backend)"
+
+
+def http_port(server: bench_service.Server, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log:
+            found = re.search(r"HTTP on [\d.]+:(\d+)", line)
+            if found:
+                return int(found[1])
+        time.sleep(0.1)
+    raise SystemExit("imgcls serve printed no HTTP port:\n" + "".join(server.log))
+
+
+def bench_plain(port: int, model: str, data: list[bytes], n: int, duration: float) -> dict:
+    """n closed-loop clients, one single-image POST /predict at a time each (keep-alive connections)."""
+    path = f"/predict?model={model}&top_k=1"
+    latencies: list[list[float]] = [[] for _ in range(n)]
+    errors: list[str] = []
+    stop_at = time.perf_counter() + duration
+
+    def loop(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = k
+        try:
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                conn.request("POST", path, body=data[i % len(data)], headers={"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    errors.append(f"{response.status} {body[:200]!r}")
+                    return
+                latencies[k].append(time.perf_counter() - t)
+                i += n
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"POST /predict failed: {errors[0]}")
+    flat = [x for per in latencies for x in per]
+    r = bench_service.row("", "", len(flat), time.perf_counter() - start, flat)
+    return {"images_per_s": r["images_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    def pick(server: str, protocol: str, c: int) -> dict | None:
+        return next((r for r in rows if r["server"] == server and r["protocol"] == protocol
+                     and r["concurrency"] == c), None)
+
+    out = []
+    for protocol in ("HTTP POST /predict", "KServe v2 REST (binary)"):
+        grpc_32, http_32 = pick(bench_peers.IMGCLS, "imgcls Predict gRPC", 32), pick(bench_peers.IMGCLS, protocol, 32)
+        grpc_1, http_1 = pick(bench_peers.IMGCLS, "imgcls Predict gRPC", 1), pick(bench_peers.IMGCLS, protocol, 1)
+        if grpc_32 and http_32:
+            ratio = http_32["images_per_s"] / grpc_32["images_per_s"]
+            out.append({"goal": f"{protocol} >= 90% of gRPC Predict at 32", "value": round(ratio, 3),
+                        "met": ratio >= 0.9})
+        if grpc_1 and http_1:
+            delta = http_1["p50_ms"] - grpc_1["p50_ms"]
+            out.append({"goal": f"{protocol} p50 within 2 ms of gRPC Predict at 1", "value": round(delta, 2),
+                        "met": delta <= 2.0})
+    for c in sorted({r["concurrency"] for r in rows}):
+        ours, triton = (pick(server, "KServe v2 REST (binary)", c) for server in (bench_peers.IMGCLS, TRITON))
+        if ours and triton:
+            ratio = ours["images_per_s"] / triton["images_per_s"]
+            out.append({"goal": f"imgcls KServe REST >= Triton's at {c}", "value": round(ratio, 3), "met": ratio >= 1})
+    return out
+
+
+def measure(args: argparse.Namespace, entry, data: list[bytes], workdir: Path) -> tuple[list[dict], list[str]]:
+    notes: list[str] = []
+    try:
+        peers = bench_peers.find_peers(args.peers_venv)
+    except bench_peers.PeersMissing as exc:
+        peers = None
+        notes.append(f"no perf_analyzer/Triton rows: {exc}")
+    servers: list = []
+    try:
+        imgcls = bench_service.Server(["--model-repository", str(args.model_repository), "--runtime",
+                                       f"{entry.name}=onnx", "--http-port", "0", *args.imgcls_arg])
+        servers.append(imgcls)
+        triton = None
+        if peers is not None and not args.no_triton:
+            triton = bench_peers.TritonServer(peers, args.model_repository, entry.name, args.triton_instances)
+            servers.append(triton)
+        port, _metrics = imgcls.wait_ports()
+        hport = http_port(imgcls)
+        target = f"127.0.0.1:{port}"
+        bench_service.bench_server(target, entry.name, data, [1], 1.0)  # waits until serving; warm-up
+        bench_plain(hport, entry.name, data, 8, 2.0)
+        kserve: list[tuple[str, str, str, Path]] = []  # (server, protocol label, perf_analyzer -i, url)
+        if peers is not None:
+            ours = bench_peers.write_input_data(data, "images", workdir / "input-imgcls.json")
+            kserve += [(bench_peers.IMGCLS, "KServe v2 REST (binary)", "http", f"127.0.0.1:{hport}", ours),
+                       (bench_peers.IMGCLS, "KServe v2 gRPC", "grpc", target, ours)]
+        if triton is not None:
+            grpc_url = triton.wait_ready()
+            name, why = bench_peers.kserve_bytes_input(peers, grpc_url, entry.name)
+            if name is None:
+                raise RuntimeError(f"Triton: {why}")
+            theirs = bench_peers.write_input_data(data, name, workdir / "input-triton.json")
+            kserve.append((TRITON, "KServe v2 REST (binary)", "http", f"127.0.0.1:{triton.http_port}", theirs))
+        for _server, _label, protocol, url, input_json in kserve:  # warm-up, unmeasured
+            bench_peers.perf_analyzer(peers, url, entry.name, input_json, max(CONCURRENCY), 1.5, 1000.0, workdir,
+                                      protocol=protocol)
+        rows = []
+        for c in args.concurrency:
+            (r,) = bench_service.bench_server(target, entry.name, data, [c], args.duration)
+            rows.append(bench_peers.result(bench_peers.IMGCLS, "imgcls Predict gRPC", "Python (grpcio)", c, r))
+            rows.append(bench_peers.result(bench_peers.IMGCLS, "HTTP POST /predict", "Python (http.client)", c,
+                                           bench_plain(hport, entry.name, data, c, args.duration)))
+            for server, label, protocol, url, input_json in kserve:
+                m = bench_peers.perf_analyzer(peers, url, entry.name, input_json, c, args.duration, args.stability,
+                                              workdir, protocol=protocol)
+                rows.append(bench_peers.result(server, label, bench_peers.PERF_ANALYZER, c, m))
+            for r in rows[-2 - len(kserve):]:
+                print(f"# {c}: {r['server']} {r['protocol']}: {r['images_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms",
+                      file=sys.stderr)
+        return rows, notes
+    finally:
+        bench_peers.stop_all(servers)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| server | protocol | client | clients | images/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flag = "" if r.get("stable", True) else " (unstable)"
+        lines.append(f"| {r['server']} | {r['protocol']} | {r['client']} | {r['concurrency']} | "
+                     f"{r['images_per_s']:.1f}{flag} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", type=Path, required=True, help="a folder of photos (searched recursively)")
+    parser.add_argument("--limit", type=int, default=64, help="photos to cycle through (default 64)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per row (default 10)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--stability", type=float, default=25.0, help="perf_analyzer --stability-percentage")
+    parser.add_argument("--triton-instances", type=int, default=2)
+    parser.add_argument("--no-triton", action="store_true", help="skip Triton (its start takes a minute)")
+    parser.add_argument("--peers-venv", type=Path, default=bench_peers.DEFAULT_PEERS)
+    parser.add_argument("--imgcls-arg", action="append", default=[], help="extra `imgcls serve` argument")
+    parser.add_argument("--json", type=Path, help="also write the rows, goals and machine here")
+    args = parser.parse_args(argv)
+    bench_peers.stop_on_signals()
+    versions = repository.list_versions(args.model_repository).get(args.model)
+    if not versions:
+        parser.error(f"no model {args.model} in {args.model_repository}")
+    entry = repository.read_entry(args.model_repository, args.model, max(versions))
+    data = bench_peers.load_images(args.images, args.limit)
+    with tempfile.TemporaryDirectory(prefix="bench_http.") as tmp:
+        rows, notes = measure(args, entry, data, Path(tmp))
+    results = {"machine": bench_peers.machine(), "rows": rows, "goals": goals(rows), "notes": notes,
+               "command": " ".join(sys.argv)}
+    print(markdown(rows))
+    for g in results["goals"]:
+        print(f"- {g['goal']}: {g['value']} ({'met' if g['met'] else 'NOT met'})")
+    for note in notes:
+        print(f"- note: {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
