@@ -27,8 +27,8 @@ import json
 import re
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,15 +78,12 @@ def bench_plain(port: int, model: str, data: list[bytes], n: int, duration: floa
             conn.close()
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(loop, range(n)))
     if errors:
         raise RuntimeError(f"POST /predict failed: {errors[0]}")
-    flat = [x for per in latencies for x in per]
-    r = bench_service.row("", "", len(flat), time.perf_counter() - start, flat)
+    seconds = time.perf_counter() - start
+    r = bench_service.row("", "", sum(map(len, latencies)), seconds, [x for per in latencies for x in per])
     return {"images_per_s": r["images_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
 
 
