@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
           "(hot reload); 0 = load once at start", 10.0, type=float, metavar="SECONDS")
     _flag(serve, "--require-models", "true: an empty repository is an error at start, as before; false: stay up, "
           "NOT_SERVING, until the first version appears", "false", type=_bool, metavar="BOOL")
+    _flag(serve, "--cpus", "CPUs to size workers and threads from (default: detected, the smaller of the CPU "
+          "affinity and the cgroup CPU quota; k8s/ sets it from the pod's CPU limit)", None, type=int)
     _flag(serve, "--workers", "serving processes sharing the ports (docs/scaling.md): a number, or auto = one per "
           f"{CPUS_PER_WORKER} usable CPUs (affinity and cgroup quota), at least 1", "auto", metavar="N|auto")
     _flag(serve, "--inference-threads", "threads per model runtime, per worker (default: usable CPUs / workers)",
@@ -176,11 +178,15 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         grace_period=args.grace_period,
         verify_checksums=args.verify_checksums,
     )
+    if args.cpus is not None and args.cpus < 1:
+        raise ImgclsError("--cpus must be at least 1")
+    cpus = args.cpus or usable_cpus()
+    if args.cpus is not None:  # threads follow it too, not only the worker count
+        config.inference_threads = config.decode_workers = args.cpus
     if args.inference_threads is not None:
         config.inference_threads = args.inference_threads
     if args.decode_workers is not None:
         config.decode_workers = args.decode_workers
-    cpus = usable_cpus()
     workers = _workers(args.workers, cpus)
     if workers > 1:
         from imgcls.service.supervisor import plan

@@ -218,8 +218,10 @@ class Core:
         self._decode_fn = decode or self._decode_in_thread
         self._inflight = 0
         self._inflight_zero = threading.Condition()
-        # Other serving processes' statistics for a version (`--workers`, service/cluster.py); none when alone.
+        # Other serving processes' statistics for a version, and whether every process is ready (`--workers`,
+        # service/cluster.py); None when this process is the whole server.
         self.peer_stats: Callable[[str, int], list[ModelStats]] | None = None
+        self.peers_ready: Callable[[], bool] | None = None
 
     @property
     def models(self) -> dict[str, dict[int, LoadedModel]]:
@@ -228,6 +230,11 @@ class Core:
     @property
     def failed(self) -> dict[str, dict[int, str]]:
         return self.lifecycle.failed
+
+    def serving(self) -> bool:
+        """Readiness of the whole server, what health-like endpoints answer (gRPC health, KServe ServerReady,
+        HTTP /v2/health/ready): models loaded, not draining, and with --workers every worker ready too."""
+        return self.ready.is_set() and self.accepting and (self.peers_ready is None or self.peers_ready())
 
     def statistics(self, model: LoadedModel) -> ModelStats:
         """A version's ModelStatistics totals: this process's, plus every other serving process's."""

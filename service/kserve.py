@@ -165,7 +165,7 @@ class Service:
     # --- helpers --------------------------------------------------------------------------------------------
 
     def _ready(self) -> bool:
-        return self.core.ready.is_set() and self.core.accepting
+        return self.core.serving()
 
     def _resolve(self, name: str, version: str) -> LoadedModel:
         number = _version(version)

@@ -65,7 +65,6 @@ class ServeConfig:
     port: int = 50051
     metrics_port: int = 8000
     http_port: int | None = None  # HTTP front-end (service/http/), None = none; `imgcls serve` defaults to 8080
-    http_port: int | None = None  # HTTP front-end (service/http/), None = none; `imgcls serve` defaults to 8080
     runtime: str | None = None  # one format for every model, None = fastest full-precision
     model_runtimes: dict[str, str] = field(default_factory=dict)  # per model name, overrides `runtime`
     versions: str = "latest"  # version policy for every model: latest, latest:N, all, specific:1,3
@@ -169,8 +168,6 @@ class InferenceServer:
         self.metrics_port = 0
         self.http_port = 0
         self.http = None  # the HTTP front-end (service/http/): on the gRPC loop, through the same core
-        self.http_port = 0
-        self.http = None  # the HTTP front-end (service/http/): on the gRPC loop, through the same core
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -183,6 +180,7 @@ class InferenceServer:
         self.link = link
         if link is not None:
             self.core.peer_stats = link.peer_stats
+            self.core.peers_ready = link.whole_server_ready
 
     def _decode(self, data: bytes, spec, *, deadline: float | None, cancelled) -> object:
         if self.decoder is None:
@@ -272,12 +270,6 @@ class InferenceServer:
             self.http = HttpServer(self.core, cfg)
             self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port))
             log.info("HTTP on %s:%d (KServe v2 and TF Serving REST, /predict, web page)", cfg.host, self.http_port)
-        if cfg.http_port is not None:
-            from imgcls.service.http import HttpServer
-
-            self.http = HttpServer(self.core, cfg)
-            self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port))
-            log.info("HTTP on %s:%d (KServe v2 and TF Serving REST, /predict, web page)", cfg.host, self.http_port)
         if self.link is None:  # with --workers, the supervisor serves every process's metrics
             try:
                 self._httpd = self.metrics.serve(cfg.metrics_port, cfg.host)
@@ -361,7 +353,7 @@ class InferenceServer:
         none drains (a worker being replaced after a crash makes the pod unready until it is warm again)."""
         serving = False
         while self.core.accepting:
-            whole = self.core.ready.is_set() and self.link.whole_server_ready()
+            whole = self.core.serving()
             if whole != serving:
                 serving = whole
                 status = health_pb2.HealthCheckResponse.SERVING if whole else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -408,11 +400,6 @@ class InferenceServer:
                 self._on_loop(self._grpc.stop(grace), timeout=(grace or 0) + 10)
             except Exception as exc:  # a stop that hangs must not keep the process alive
                 log.warning("gRPC server stop: %s", exc)
-        if self.http is not None and self._loop.is_running():
-            try:
-                self._on_loop(self.http.stop(grace or 0), timeout=(grace or 0) + 10)
-            except Exception as exc:
-                log.warning("HTTP server stop: %s", exc)
         if self.http is not None and self._loop.is_running():
             try:
                 self._on_loop(self.http.stop(grace or 0), timeout=(grace or 0) + 10)

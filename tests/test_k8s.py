@@ -272,9 +272,11 @@ def test_server_deployment(rendered, overlay):
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > grace
 
-    # Threads follow the CPU limit, not the node.
-    threads = {v["name"]: v["valueFrom"]["resourceFieldRef"] for v in container["env"]}
-    assert threads["IMGCLS_INFERENCE_THREADS"]["resource"] == "limits.cpu"
+    # Workers and threads follow the CPU limit, not the node; no explicit thread count that every worker
+    # would take in full.
+    sized = {v["name"]: v["valueFrom"]["resourceFieldRef"] for v in container["env"]}
+    assert sized["IMGCLS_CPUS"]["resource"] == "limits.cpu"
+    assert not {"IMGCLS_INFERENCE_THREADS", "IMGCLS_DECODE_WORKERS"} & (set(sized) | set(env))
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys() & container["resources"]["limits"].keys()
 
 

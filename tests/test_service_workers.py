@@ -307,7 +307,8 @@ def test_sizes_follow_the_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(imgcls.cpus, "CGROUP_ROOT", root)
     monkeypatch.setattr(imgcls.cpus, "PROC_SELF_CGROUP", proc_cgroup)
     monkeypatch.setattr(imgcls.cpus, "affinity_cpus", lambda: 64)
-    for var in ("IMGCLS_WORKERS", "IMGCLS_INFERENCE_THREADS", "IMGCLS_DECODE_WORKERS", "IMGCLS_DECODE_MEMORY_MB"):
+    for var in ("IMGCLS_WORKERS", "IMGCLS_CPUS", "IMGCLS_INFERENCE_THREADS", "IMGCLS_DECODE_WORKERS",
+                "IMGCLS_DECODE_MEMORY_MB"):
         monkeypatch.delenv(var, raising=False)
 
     def sizes(quota: str, *flags: str) -> tuple[int, int, int, int]:
@@ -322,3 +323,6 @@ def test_sizes_follow_the_cgroup_quota(tmp_path, monkeypatch):
     assert sizes("max 100000") == (64 // per, per, per, 768 // (64 // per))  # no quota: the affinity
     assert sizes("800000 100000", "--workers", "1") == (1, 8, 8, 768)
     assert sizes("800000 100000", "--workers", "4", "--inference-threads", "3") == (4, 3, 2, 192)
+    # --cpus (k8s sets it from the pod's CPU limit) overrides the detection, for workers and threads alike
+    assert sizes("max 100000", "--cpus", "8") == (8 // per, per, per, 768 // (8 // per))
+    assert sizes("max 100000", "--cpus", "3") == (1, 3, 3, 768)
