@@ -12,6 +12,7 @@ gauges take the largest value (every worker loads the same versions).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -72,6 +73,20 @@ class Metrics:
         self.model_swaps = Counter(
             "imgcls_model_swaps", "Changes of the set of versions served (hot reload: loads and unloads).",
             ["model"], registry=r)
+
+    def exposition(self) -> bytes:
+        """/metrics in Prometheus text format: this registry's, or with --workers every process's sum (what the
+        supervisor's metrics port serves), so the HTTP port's /metrics agrees with it whichever worker answers."""
+        from prometheus_client import generate_latest
+
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        return generate_latest(registry)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the /metrics HTTP server in a daemon thread; returns the http server (has `server_port`)."""
