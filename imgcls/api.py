@@ -65,7 +65,7 @@ def check_data_folder(data: str | os.PathLike[str] | None) -> None:
         return
     folder = Path(data)
     if not folder.exists():
-        raise ImgclsError(f"--data {folder}: no such folder (expected one subfolder of photos per class)")
+        raise ImgclsError(f"--data {folder} does not exist (expected a folder with one subfolder of photos per class)")
     if not folder.is_dir():
         raise ImgclsError(f"--data {folder}: not a folder (expected one subfolder of photos per class)")
 

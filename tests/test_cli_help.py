@@ -108,8 +108,8 @@ def test_batch_help_documents_the_exit_codes_it_returns():
 def test_train_on_a_missing_folder_is_one_line_and_exit_2():
     proc = run("train", "--data", "/nonexistent")
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["imgcls train: error: --data /nonexistent: no such folder (expected one "
-                                        "subfolder of photos per class)"]
+    assert proc.stderr.splitlines() == ["imgcls train: error: --data /nonexistent does not exist (expected a "
+                                        "folder with one subfolder of photos per class)"]
 
 
 def _closed_port() -> int:

@@ -175,8 +175,8 @@ def test_train_checks_its_arguments_before_loading_tensorflow(tmp_path):
             "print('tensorflow' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing"), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    assert out == [f"error: --data {tmp_path / 'missing'}: no such folder (expected one subfolder of photos per "
-                   "class)", "False"]
+    assert out == [f"error: --data {tmp_path / 'missing'} does not exist (expected a folder with one subfolder of "
+                   "photos per class)", "False"]
 
 
 def test_train_rejects_unknown_options(tmp_path):
