@@ -108,6 +108,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
     _flag(serve, "--stream-idle-timeout", "seconds a stream may stay open with nothing sent and nothing in "
           "progress before the server closes it (UNAVAILABLE)", 300.0, type=float)
+    _flag(serve, "--max-connection-age", "seconds before a client connection is asked to reconnect (GOAWAY, "
+          "+-10%% jitter) once its calls end, so long-lived clients spread over new pods; 0 = never", 60.0,
+          type=float)
+    _flag(serve, "--max-connection-age-grace", "seconds calls still open on such a connection get before it is "
+          "closed (default: as long as they take, streams included)", None, type=float)
+    _flag(serve, "--keepalive-time", "seconds between the server's pings on an idle connection (finds dead "
+          "clients); 0 = never", 60.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
     _flag(serve, "--verify-checksums", "check artifact sha256 against the manifest at load", "true", type=_bool,
           metavar="BOOL")
@@ -175,7 +182,8 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         image_formats=args.image_formats, decode_cpu_seconds=args.decode_cpu_seconds,
         decode_memory_mb=args.decode_memory_mb, decode_isolation=args.decode_isolation,
         stream_max_inflight=args.stream_max_inflight, stream_idle_timeout=args.stream_idle_timeout,
-        grace_period=args.grace_period,
+        grace_period=args.grace_period, max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace, keepalive_time=args.keepalive_time,
         verify_checksums=args.verify_checksums,
     )
     if args.cpus is not None and args.cpus < 1:

@@ -89,6 +89,12 @@ class ServeConfig:
     stream_max_inflight: int = 32  # requests per stream admitted before the server stops reading it
     stream_idle_timeout: float = 300.0  # seconds a stream may stay open with nothing sent and nothing in flight
     grace_period: float = 30.0
+    # Connection balancing (docs/serving.md): a connection older than this is asked to go (GOAWAY) once its
+    # calls end, so long-lived clients spread over pods the autoscaler added; 0 = never.
+    max_connection_age: float = 60.0
+    # Then calls still open on it get this long before it is closed; None = as long as they take (streams too).
+    max_connection_age_grace: float | None = None
+    keepalive_time: float = 60.0  # server pings an idle connection this often to find dead peers; 0 = never
     verify_checksums: bool = True
 
     def validate(self) -> None:
@@ -108,6 +114,8 @@ class ServeConfig:
                 raise ImgclsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_queue_delay_ms < 0 or self.grace_period < 0:
             raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
+        if self.max_connection_age < 0 or self.keepalive_time < 0 or (self.max_connection_age_grace or 0) < 0:
+            raise ImgclsError("--max-connection-age, --max-connection-age-grace and --keepalive-time must be >= 0")
         if self.stream_idle_timeout <= 0:
             raise ImgclsError("--stream-idle-timeout must be > 0")
         if self.decode_cpu_seconds <= 0 or self.decode_memory_mb < 1:
@@ -148,6 +156,22 @@ class ServeConfig:
             raise ImgclsError(f"--runtime names unknown models: {', '.join(sorted(unknown))}")
         return on_disk
 
+
+
+def connection_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """gRPC channel arguments for connection age and keepalive. gRPC adds +-10% jitter to the age, so the
+    clients of one pod do not all reconnect at once. Client pings are allowed down to every 10 s, also
+    without calls in flight: stricter, and a client configured to ping more often gets GOAWAY too_many_pings."""
+    options = [("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+               ("grpc.http2.max_ping_strikes", 2)]
+    if cfg.max_connection_age > 0:
+        options.append(("grpc.max_connection_age_ms", int(cfg.max_connection_age * 1000)))
+        if cfg.max_connection_age_grace is not None:
+            options.append(("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace * 1000)))
+    if cfg.keepalive_time > 0:
+        options += [("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)), ("grpc.keepalive_timeout_ms", 20_000)]
+    return options
 
 
 class InferenceServer:
@@ -293,7 +317,8 @@ class InferenceServer:
         self.core.loop = asyncio.get_running_loop()
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
-                   ("grpc.so_reuseport", 1 if self.link is not None else 0)]
+                   ("grpc.so_reuseport", 1 if self.link is not None else 0),
+                   *connection_options(cfg)]
         # No maximum_concurrent_rpcs: gRPC would refuse past it before any handler ran, unseen by the metrics;
         # the core refuses past --max-concurrent-calls instead, counted with its code.
         self._grpc = grpc.aio.server(options=options)
