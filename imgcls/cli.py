@@ -20,22 +20,23 @@ import importlib.machinery
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
-from imgcls import __version__
+from imgcls import __version__, logs
 from imgcls.cli_format import HelpFormatter, examples
 from imgcls.errors import ImgclsError
 
 # Stage CLI modules; a stage that is not installed (e.g. training in the slim serving image) is skipped.
 STAGE_CLIS = ("imgcls.training.cli", "imgcls.export.cli", "imgcls.service.cli", "imgcls.client.cli")
 
-# Set before TensorFlow (or grpc) is imported, only when the user has not set them: 3 = C++ FATAL only,
-# which also silences the "oneDNN custom operations", "Unable to register cuDNN factory" and "cuda drivers"
-# lines; absl's C++ logging (LiteRT, XLA) and grpc's core logging likewise.
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "ABSL_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR",
-             "TF_CPP_MAX_VLOG_LEVEL": "-1"}
-QUIET_LOGGERS = ("tensorflow", "absl", "h5py", "matplotlib", "PIL")
+# Set before TensorFlow (or grpc) is imported, only when the user has not set them: TensorFlow's C++ logging
+# at FATAL only (no "oneDNN custom operations" or "Unable to register cuDNN factory" lines), no VLOG, and
+# grpc's core logging at ERROR. What TensorFlow prints while its libraries load, before its logging is set
+# up, is silenced by `_QuietImport`.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_CPP_MAX_VLOG_LEVEL": "-1", "GRPC_VERBOSITY": "ERROR"}
+QUIET_LOGGERS = ("tensorflow", "absl", "h5py", "matplotlib", "PIL", "tf2onnx")
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -77,7 +78,9 @@ class _QuietImport(importlib.abc.MetaPathFinder):
     NAMES = frozenset({"tensorflow"})
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in self.NAMES:
+        # Only on the main thread: elsewhere (a server loading a SavedModel in the background) other threads'
+        # lines would be lost with TensorFlow's.
+        if fullname not in self.NAMES or threading.current_thread() is not threading.main_thread():
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -124,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and TensorFlow's, absl's and grpc's own logs")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("IMGCLS_LOG_FORMAT", "text"),
+                        help="text for people, json for log pipelines: one object per line (env IMGCLS_LOG_FORMAT, "
+                             "default text)")
+    parser.add_argument("--log-level", choices=logs.LEVELS, type=str.upper,
+                        default=os.environ.get("IMGCLS_LOG_LEVEL", "INFO").upper(),
+                        help="least severe level logged; -v means DEBUG (env IMGCLS_LOG_LEVEL, default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in STAGE_CLIS:
         try:
@@ -152,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     _autocomplete(parser)
     args = parser.parse_args(argv)
     quiet_libraries(args.verbose)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = "DEBUG" if args.verbose else args.log_level
+    logs.configure(level, args.log_format)
+    os.environ["IMGCLS_LOG_LEVEL"], os.environ["IMGCLS_LOG_FORMAT"] = level, args.log_format  # for child processes
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
