@@ -59,6 +59,7 @@ class Job:
     input_s: float = field(init=False, default=0.0)  # decode + preprocess, summed over its images
     queue_s: float = field(init=False, default=0.0)  # longest wait of its images, summed over its batches
     infer_s: float = field(init=False, default=0.0)  # the batches it was part of (each counted once)
+    batches: list[int] = field(init=False, default_factory=list)  # sizes of those batches (traces, access log)
     done_at: float = field(init=False, default=0.0)  # time.monotonic() when the last image finished
     admitted_at: float = field(init=False, default_factory=time.monotonic)
     _remaining: int = field(init=False)
@@ -300,7 +301,8 @@ class Batcher:
             for item, wait in zip(live, waits, strict=True):
                 longest[item.job] = max(longest.get(item.job, 0.0), wait)
             for job, wait in longest.items():  # before set(): the last image completes the job
-                job.queue_s += wait  # only this thread writes these two
+                job.queue_s += wait  # only this thread writes these three
                 job.infer_s += seconds
+                job.batches.append(len(live))
             for k, item in enumerate(live):
                 item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])

@@ -113,6 +113,10 @@ def register(sub: argparse._SubParsersAction) -> None:
           type=float)
     _flag(serve, "--max-connection-age-grace", "seconds calls still open on such a connection get before it is "
           "closed (default: as long as they take, streams included)", None, type=float)
+    _flag(serve, "--access-log", "log a line per call (logger imgcls.access; JSON fields with --log-format json)",
+          "true", type=_bool, metavar="BOOL")
+    _flag(serve, "--access-log-rate", "most access-log lines per second for successful calls (failed ones are "
+          "always logged; the next line says how many were left out)", 100.0, type=float)
     _flag(serve, "--keepalive-time", "seconds between the server's pings on an idle connection (finds dead "
           "clients); 0 = never", 60.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
@@ -184,6 +188,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         stream_max_inflight=args.stream_max_inflight, stream_idle_timeout=args.stream_idle_timeout,
         grace_period=args.grace_period, max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace, keepalive_time=args.keepalive_time,
+        access_log=args.access_log, access_log_rate=args.access_log_rate,
         verify_checksums=args.verify_checksums,
     )
     if args.cpus is not None and args.cpus < 1:

@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ import numpy as np
 
 from imgcls.errors import DecodeAborted, ImageDecodeError
 from imgcls.preprocessing import preprocess_bytes
-from imgcls.service import lifecycle
+from imgcls.service import lifecycle, observability
 from imgcls.service.batcher import Cancelled, DeadlineExceeded, Job, QueueFull, ShuttingDown
 from imgcls.service.metrics import Metrics
 from imgcls.service.models import LoadedModel
@@ -198,6 +198,9 @@ class Call:
     job: Job | None = None
     inference: bool = False  # counts in the version's statistics (ModelStatistics)
     code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""  # why it failed, for the trace
+    peer: str = ""  # who called, for the access log
+    carrier: Mapping[str, str] | None = None  # the caller's headers/metadata: its W3C trace context
 
 
 class Core:
@@ -222,6 +225,9 @@ class Core:
         # service/cluster.py); None when this process is the whole server.
         self.peer_stats: Callable[[str, int], list[ModelStats]] | None = None
         self.peers_ready: Callable[[], bool] | None = None
+        # What record() leaves behind per call (service/observability.py): set by the server from its flags.
+        self.tracing: observability.Tracing | None = None
+        self.access_log: observability.AccessLog | None = None
 
     @property
     def models(self) -> dict[str, dict[int, LoadedModel]]:
@@ -249,12 +255,18 @@ class Core:
 
     @asynccontextmanager
     async def call(self, method: str, context: grpc.aio.ServicerContext | None, *, pin: bool = True,
-                   inference: bool = False, track: bool = True, record: bool = True):
+                   inference: bool = False, track: bool = True, record: bool = True,
+                   headers: Mapping[str, str] | None = None, peer: str = ""):
         """A call from arrival to answer: counted in flight (`track`: drain waits for it), its model versions
         pinned (`pin`), and recorded once with its final code (`record`). A stream is tracked but neither
-        pinned nor recorded; each of its messages is pinned and recorded but not tracked (streams.py)."""
+        pinned nor recorded; each of its messages is pinned and recorded but not tracked (streams.py).
+        `headers`/`peer`: what a front-end without a gRPC context (HTTP) knows of the caller."""
         start = time.monotonic()
-        call = Call(method, start, self.deadline(context, start), inference=inference)
+        call = Call(method, start, self.deadline(context, start), inference=inference, peer=peer, carrier=headers)
+        if context is not None and record and (self.tracing is not None or self.access_log is not None):
+            call.peer = context.peer() or ""
+            if self.tracing is not None:
+                call.carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         gauge = self.metrics.inflight.labels(method)
         if track:
             with self._inflight_zero:
@@ -264,7 +276,7 @@ class Core:
         try:
             yield call
         except RequestError as exc:
-            call.code = exc.code
+            call.code, call.message = exc.code, exc.message
             raise
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.CANCELLED
@@ -285,11 +297,36 @@ class Core:
 
     def record(self, call: Call) -> None:
         name, version = call.model.labels if call.model else ("", "")
-        seconds = time.monotonic() - call.start
+        end = time.monotonic()
+        seconds = end - call.start
         self.metrics.requests.labels(call.method, name, version, call.code.name).inc()
         self.metrics.request_latency.labels(call.method, name).observe(seconds)
         if call.model is not None and call.inference:
             call.model.stats.request(call.code == grpc.StatusCode.OK, seconds, call.job)
+        if self.tracing is None and self.access_log is None:
+            return
+        images = call.job.n if call.job is not None else 0
+        batches = list(call.job.batches) if call.job is not None else []
+        trace_id = ""
+        if self.tracing is not None:
+            attributes = {"rpc.method": call.method, "imgcls.code": call.code.name, "imgcls.images": images}
+            if call.model is not None:
+                attributes.update({"imgcls.model": name, "imgcls.version": int(version),
+                                   "imgcls.runtime": call.model.runtime})
+            if batches:
+                attributes["imgcls.batch_size"] = max(batches)
+            try:
+                trace_id = self.tracing.record(call.method, call.start, end, call.carrier, attributes,
+                                               observability.stages(call.job, end),
+                                               None if call.code == grpc.StatusCode.OK else
+                                               f"{call.code.name}: {call.message}"[:300])
+            except Exception as exc:  # a broken exporter must not fail calls
+                log.warning("tracing failed: %s", exc)
+        if self.access_log is not None:
+            self.access_log.write({"method": call.method, "model": name, "version": version, "images": images,
+                                   "code": call.code.name, "ms": round(seconds * 1000, 2),
+                                   "batch": max(batches) if batches else None, "peer": call.peer,
+                                   "trace_id": trace_id})
 
     @contextmanager
     def pin(self) -> Iterator[None]:

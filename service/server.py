@@ -38,7 +38,7 @@ from imgcls.cpus import cpu_limits
 from imgcls.decoding import DEFAULT_FORMATS, DecodeLimits, DecodePool
 from imgcls.errors import ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from imgcls.service import cluster, repository, runtimes
+from imgcls.service import cluster, observability, repository, runtimes
 from imgcls.service.core import Core
 from imgcls.service.metrics import Metrics
 from imgcls.service.models import LoadedModel, ModelManager, ReloadResult, RuntimeHook
@@ -94,6 +94,8 @@ class ServeConfig:
     max_connection_age: float = 60.0
     # Then calls still open on it get this long before it is closed; None = as long as they take (streams too).
     max_connection_age_grace: float | None = None
+    access_log: bool = True  # a line per call (logger imgcls.access); failed calls always, OK ones rate-limited
+    access_log_rate: float = 100.0  # most lines per second for successful calls; the rest are counted, not logged
     keepalive_time: float = 60.0  # server pings an idle connection this often to find dead peers; 0 = never
     verify_checksums: bool = True
 
@@ -116,6 +118,8 @@ class ServeConfig:
             raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
         if self.max_connection_age < 0 or self.keepalive_time < 0 or (self.max_connection_age_grace or 0) < 0:
             raise ImgclsError("--max-connection-age, --max-connection-age-grace and --keepalive-time must be >= 0")
+        if self.access_log_rate < 0:
+            raise ImgclsError("--access-log-rate must be >= 0")
         if self.stream_idle_timeout <= 0:
             raise ImgclsError("--stream-idle-timeout must be > 0")
         if self.decode_cpu_seconds <= 0 or self.decode_memory_mb < 1:
@@ -202,6 +206,8 @@ class InferenceServer:
         self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
         self._waiting_for_models = False  # the repository had no model at start
         self.link = link
+        self.core.access_log = observability.AccessLog(config.access_log_rate) if config.access_log else None
+        self.core.tracing = observability.Tracing.from_environment()  # OTEL_* variables; None = off
         if link is not None:
             self.core.peer_stats = link.peer_stats
             self.core.peers_ready = link.whole_server_ready
@@ -432,6 +438,8 @@ class InferenceServer:
                 log.warning("HTTP server stop: %s", exc)
         self.manager.close()
         self.core.close()
+        if self.core.tracing is not None:
+            self.core.tracing.shutdown()  # exports the spans still batched
         if self.decoder is not None:
             self.decoder.close()
         if self._httpd is not None:

@@ -1,4 +1,4 @@
-"""One serving process of `imgcls serve --workers N`: `python -m imgcls.service.worker FOLDER INDEX [LEVEL]`.
+"""One serving process of `imgcls serve --workers N`: `python -m imgcls.service.worker FOLDER INDEX`.
 
 The supervisor (supervisor.py) starts it with PROMETHEUS_MULTIPROC_DIR already set, so its metrics go to the
 shared folder from the first import of prometheus-client. It is a whole InferenceServer: it binds the shared
@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from imgcls import logs
 from imgcls.errors import ImgclsError
 from imgcls.service.cluster import WorkerLink
 from imgcls.service.server import InferenceServer, ServeConfig
@@ -34,8 +35,7 @@ def _watch_parent(server: InferenceServer, parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     folder, index = Path(args[0]), int(args[1])
-    level = args[2] if len(args) > 2 else "INFO"
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s worker {index + 1} %(name)s: %(message)s")
+    logs.from_environment(worker=str(index + 1))  # the level and format `imgcls serve` was given
     config = ServeConfig.from_json((folder / "config.json").read_text())
     link = WorkerLink(folder, index)
     server = InferenceServer(config, link=link)

@@ -152,7 +152,8 @@ class HttpServer:
         """`handler` inside the request path's call accounting, with the body, deadline and status mapping."""
         core = self.core
         error: RequestError | None = None
-        async with core.call(f"http.{method}", None, inference=inference) as call:
+        async with core.call(f"http.{method}", None, inference=inference, headers=request.headers,
+                             peer=request.remote or "") as call:
             try:
                 timeout = request.query.get("timeout") or request.headers.get(TIMEOUT_HEADER)
                 if timeout is not None:
