@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import re
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,6 +89,34 @@ def bench_plain(port: int, model: str, data: list[bytes], n: int, duration: floa
     return {"images_per_s": r["images_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
 
 
+class CpuMeter:
+    """CPU seconds of the imgcls server process (its event loop, where the front-ends run, and the batcher; not
+    the decode worker processes, the same for every protocol) per image it classified while a block ran. Unlike
+    throughput on a shared machine, CPU time per image does not depend on what else runs: it is the front-end's
+    cost, compared across protocols."""
+
+    def __init__(self, pid: int | None, metrics_url: str) -> None:
+        self.pid, self.url, self.ms_per_image = pid, metrics_url, None
+
+    def _read(self) -> tuple[float, float]:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        text = urllib.request.urlopen(self.url, timeout=10).read().decode()
+        images = sum(float(m[1]) for m in re.finditer(r'^imgcls_images_total{[^}]*code="OK"[^}]*} (\S+)$', text, re.M))
+        return cpu, images
+
+    def __enter__(self) -> CpuMeter:
+        self.start = self._read() if self.pid else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start and not exc[0]:
+            cpu, images = self._read()
+            if images > self.start[1]:
+                self.ms_per_image = 1000 * (cpu - self.start[0]) / (images - self.start[1])
+
+
 def goals(rows: list[dict]) -> list[dict]:
     def pick(server: str, protocol: str, c: int) -> dict | None:
         return next((r for r in rows if r["server"] == server and r["protocol"] == protocol
@@ -128,7 +158,8 @@ def measure(args: argparse.Namespace, entry, data: list[bytes], workdir: Path) -
         if peers is not None and not args.no_triton:
             triton = bench_peers.TritonServer(peers, args.model_repository, entry.name, args.triton_instances)
             servers.append(triton)
-        port, _metrics = imgcls.wait_ports()
+        port, metrics_port = imgcls.wait_ports()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         hport = http_port(imgcls)
         target = f"127.0.0.1:{port}"
         bench_service.bench_server(target, entry.name, data, [1], 1.0)  # waits until serving; warm-up
@@ -149,15 +180,22 @@ def measure(args: argparse.Namespace, entry, data: list[bytes], workdir: Path) -
             bench_peers.perf_analyzer(peers, url, entry.name, input_json, max(CONCURRENCY), 1.5, 1000.0, workdir,
                                       protocol=protocol)
         rows = []
+        pid = imgcls.proc.pid
+
+        def add(server: str, protocol: str, client: str, c: int, run) -> None:
+            with CpuMeter(pid if server == bench_peers.IMGCLS else None, metrics_url) as meter:
+                m = run()
+            rows.append({**bench_peers.result(server, protocol, client, c, m), "cpu_ms_per_image": meter.ms_per_image})
+
         for c in args.concurrency:
-            (r,) = bench_service.bench_server(target, entry.name, data, [c], args.duration)
-            rows.append(bench_peers.result(bench_peers.IMGCLS, "imgcls Predict gRPC", "Python (grpcio)", c, r))
-            rows.append(bench_peers.result(bench_peers.IMGCLS, "HTTP POST /predict", "Python (http.client)", c,
-                                           bench_plain(hport, entry.name, data, c, args.duration)))
+            add(bench_peers.IMGCLS, "imgcls Predict gRPC", "Python (grpcio)", c,
+                lambda c=c: bench_service.bench_server(target, entry.name, data, [c], args.duration)[0])
+            add(bench_peers.IMGCLS, "HTTP POST /predict", "Python (http.client)", c,
+                lambda c=c: bench_plain(hport, entry.name, data, c, args.duration))
             for server, label, protocol, url, input_json in kserve:
-                m = bench_peers.perf_analyzer(peers, url, entry.name, input_json, c, args.duration, args.stability,
-                                              workdir, protocol=protocol)
-                rows.append(bench_peers.result(server, label, bench_peers.PERF_ANALYZER, c, m))
+                add(server, label, bench_peers.PERF_ANALYZER, c, lambda c=c, url=url, input_json=input_json,
+                    protocol=protocol: bench_peers.perf_analyzer(peers, url, entry.name, input_json, c, args.duration,
+                                                                 args.stability, workdir, protocol=protocol))
             for r in rows[-2 - len(kserve):]:
                 print(f"# {c}: {r['server']} {r['protocol']}: {r['images_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms",
                       file=sys.stderr)
@@ -167,11 +205,13 @@ def measure(args: argparse.Namespace, entry, data: list[bytes], workdir: Path) -
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| server | protocol | client | clients | images/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| server | protocol | client | clients | images/s | p50 ms | p99 ms | server CPU ms/image |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flag = "" if r.get("stable", True) else " (unstable)"
+        cpu = "-" if r.get("cpu_ms_per_image") is None else f"{r['cpu_ms_per_image']:.2f}"
         lines.append(f"| {r['server']} | {r['protocol']} | {r['client']} | {r['concurrency']} | "
-                     f"{r['images_per_s']:.1f}{flag} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+                     f"{r['images_per_s']:.1f}{flag} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {cpu} |")
     return "\n".join(lines)
 
 
