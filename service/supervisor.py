@@ -139,7 +139,8 @@ class Supervisor:
             (self.folder / "config.json").write_text(worker_cfg.to_json())
             self._board = cluster.StateBoard(self.folder)
             try:
-                self._httpd = serve_multiprocess(str(self.folder / "prometheus"), cfg.metrics_port, cfg.host)
+                self._httpd = serve_multiprocess(str(self.folder / "prometheus"), cfg.metrics_port, cfg.host,
+                                                 workers=self._worker_pids)
             except OSError as exc:
                 raise ImgclsError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({exc})") from None
             self.metrics_port = self._httpd.server_port
@@ -157,10 +158,15 @@ class Supervisor:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.folder / "prometheus")}
         assert self._board is not None
         self._board.set(index, cluster.STARTING)
-        process = subprocess.Popen([sys.executable, "-m", "imgcls.service.worker", str(self.folder), str(index),
-                                    self.log_level], env=env)
+        env.setdefault("IMGCLS_LOG_LEVEL", self.log_level)
+        process = subprocess.Popen([sys.executable, "-m", "imgcls.service.worker", str(self.folder), str(index)],
+                                   env=env)
         log.info("worker %d started (pid %d)", index + 1, process.pid)
         return Worker(index, process, time.monotonic(), failures=failures)
+
+    def _worker_pids(self) -> dict[str, int]:
+        """Worker label ("1".."N", as in the logs) -> pid of each started worker, for imgcls_worker_* metrics."""
+        return {str(w.index + 1): w.process.pid for w in list(self.workers) if w.restart_at is None}
 
     # --- supervise -------------------------------------------------------------------------------------------
 
