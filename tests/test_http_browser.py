@@ -93,6 +93,20 @@ def test_upload_through_the_page_shows_the_grpc_label(service_repo, tmp_path):
         assert "INVALID_ARGUMENT" in cards[0].find_element(By.CSS_SELECTOR, ".error").text
         png = tmp_path / "page.png"
         assert driver.save_screenshot(str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the offline API docs render every operation of /openapi.json
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        operations = sum(len(item) for item in _openapi(server.http_port)["paths"].values())
+        driver.get(f"http://127.0.0.1:{server.http_port}/docs")
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "details.op")) == operations)
+
+
+def _openapi(port: int) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=10) as response:
+        return json.loads(response.read())
 
 
 def main(argv: list[str] | None = None) -> int:
