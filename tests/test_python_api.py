@@ -216,7 +216,7 @@ def test_async_client_predicts_like_the_sync_client(service_repo):
             [(lb.name, round(lb.score, 5)) for lb in result.labels]
 
 
-def test_async_client_retries_then_raises_unavailable_with_the_target():
+def test_async_client_retries_then_raises_unavailable():
     import grpc
 
     from imgcls.client import AsyncClient, ServiceError
