@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
     import tritonclient.grpc as triton
 
-    from imgcls.service import protocols
     from imgcls.client.client import Client
+    from imgcls.service import protocols
     from imgcls.service.kserve_tensors import join_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

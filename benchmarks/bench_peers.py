@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_service  # the sibling script: its in-process and Predict measurements
 
+from imgcls.client.client import Client
 from imgcls.preprocessing import IMAGE_EXTENSIONS
 from imgcls.service import repository, runtimes
-from imgcls.client.client import Client
 from imgcls.service.server import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]

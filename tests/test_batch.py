@@ -18,9 +18,9 @@ import pytest
 from service_fixtures import TINY_CLASSES, GatedRuntime, metric, running_server, sample_image, scrape
 
 from imgcls.cli import main
-from imgcls.errors import ImgclsError
 from imgcls.client.batch import BatchConfig, BatchJob, BatchSummary
 from imgcls.client.batch_io import csv_columns
+from imgcls.errors import ImgclsError
 
 pytest_plugins = ["service_plugin"]  # the session-scoped `service_repo` fixture
 

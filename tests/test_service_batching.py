@@ -24,8 +24,8 @@ from service_fixtures import (
     scrape,
 )
 
-from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, QueueFull
 from imgcls.client.client import ServiceError
+from imgcls.service.batcher import Batcher, Cancelled, DeadlineExceeded, QueueFull
 from imgcls.v1 import inference_pb2 as pb
 from imgcls.v1 import inference_pb2_grpc as pb_grpc
 
