@@ -8,8 +8,8 @@
   InferenceService names a format and protocol the runtime declares and loads the matching artifact.
 - KServe's model directory is an imgcls repository: the storageUri's contents copied to a stand-in for
   /mnt/models (what the storage initializer does) are served by a real server configured from the runtime's
-  and the InferenceService's environment; a storageUri one level too deep (a version folder) fails the start
-  with a message saying what is expected.
+  and the InferenceService's environment; a storageUri too deep (a model or a version folder) fails the
+  start with a message saying what is expected.
 """
 
 from __future__ import annotations
@@ -285,11 +285,12 @@ def test_the_model_directory_is_served_as_a_repository(docs, service_repo, tmp_p
     finally:
         server.stop()
 
-    # storageUri one level too deep (a version folder): manifest.json lands at the top of /mnt/models
-    flat = tmp_path / "flat" / "models"
-    shutil.copytree(service_repo / "tiny" / "2", flat)
+    # storageUri too deep (a model folder, a version folder): the start fails and says what is expected
     from imgcls.errors import ImgclsError
 
-    config = configured_server(monkeypatch, env, flat)
-    with pytest.raises(ImgclsError, match=r"no models found \(expected NAME/VERSION/manifest.json\)"):
-        InferenceServer(config).start()
+    for too_deep in (service_repo / "tiny", service_repo / "tiny" / "2"):
+        models = tmp_path / too_deep.name / "models"
+        shutil.copytree(too_deep, models)
+        config = configured_server(monkeypatch, env, models)
+        with pytest.raises(ImgclsError, match=r"no models found \(expected NAME/VERSION/manifest.json\)"):
+            InferenceServer(config).start()
