@@ -167,7 +167,7 @@ def test_workers_serve_exactly_the_reference(service_repo, one_process):
     from imgcls.service.server import ServeConfig
     from imgcls.service.supervisor import Supervisor
 
-    config = ServeConfig(model_repository=service_repo, host="127.0.0.1", port=0, metrics_port=0, http_port=None,
+    config = ServeConfig(model_repository=service_repo, host="127.0.0.1", port=0, metrics_port=0, http_port=0,
                          inference_threads=1, decode_workers=1, grace_period=5.0, runtime="onnx", poll_interval=0)
     sup = Supervisor(config, 2).start()
     supervising = threading.Thread(target=sup.supervise, daemon=True)
@@ -184,6 +184,8 @@ def test_workers_serve_exactly_the_reference(service_repo, one_process):
                 pb.PredictRequest(model_name="tiny", images=[sample_image(2)], top_k=1), timeout=30)
         with urllib.request.urlopen(f"http://127.0.0.1:{sup.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{sup.http_port}/metrics", timeout=10) as response:
+            http_text = response.read().decode()  # answered by one worker
         pids = {str(w.index + 1): w.process.pid for w in sup.workers}
     finally:
         sup.request_stop()
@@ -202,6 +204,11 @@ def test_workers_serve_exactly_the_reference(service_repo, one_process):
     assert not problems, "\n".join(problems)
     ok = [s for s in samples(text, "imgcls_requests_total") if s.labels["code"] == "OK"]
     assert sum(s.value for s in ok) == 1  # counted once, by the worker that answered
+    # The HTTP port's /metrics, from whichever worker: the same sum, that worker's process_*, no imgcls_worker_*
+    http_ok = [s for s in samples(http_text, "imgcls_requests_total") if s.labels["code"] == "OK"]
+    assert sum(s.value for s in http_ok) == 1
+    assert not [n for n in served(http_text) if n.startswith(("imgcls_worker_", "python_gc_"))]
+    assert samples(http_text, "imgcls_build_info")
     if Path("/proc/self/stat").exists():
         rss = {s.labels["worker"]: s.value for s in samples(text, "imgcls_worker_resident_memory_bytes")}
         assert rss.keys() == pids.keys() == {"1", "2"}

@@ -8,7 +8,7 @@ the metrics port serves (the ServiceMonitor keeps scraping that one); it is here
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from imgcls.service.http.app import STATIC, HttpServer
 
@@ -43,6 +43,6 @@ def add_routes(router: web.UrlDispatcher, http: HttpServer) -> None:
         router.add_get(f"/static/{name}", serve(name), allow_head=False)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(http.core.metrics.registry),
+        return web.Response(body=http.core.metrics.exposition(),  # with --workers: every worker's sum
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
     router.add_get("/metrics", metrics, allow_head=False)
