@@ -100,7 +100,7 @@ class Plain:
             versions += [{"version": v, "state": "FAILED", "error": error}
                          for v, error in sorted(failed.get(name, {}).items()) if v not in served.get(name, {})]
             models.append({"name": name, "versions": versions})
-        ready = core.ready.is_set() and core.accepting
+        ready = core.serving()
         return json_response({"ready": ready, "models": models})
 
 
