@@ -16,6 +16,7 @@ executor so that a slow disk does not stall the loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +29,7 @@ from imgcls.client.client import (
     RECONNECT_OPTIONS,
     Backoff,
     Prediction,
+    Security,
     ServiceError,
     _prediction,
     retryable,
@@ -61,8 +63,15 @@ class AsyncClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         channel: grpc.aio.Channel | None = None,
         on_retry: Callable[[ServiceError, int, float], None] | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        """The same options as the sync `Client` (timeout: all attempts of one call together)."""
+        """The same options as the sync `Client` (timeout: all attempts of one call together; TLS and the
+        token: `imgcls.client.client.Security`)."""
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -71,6 +80,10 @@ class AsyncClient:
         self._closed = False
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+        security = Security(tls, tls_ca, tls_cert, tls_key, token, tls_server_name)
+        credentials = security.credentials()
+        if channel is None and credentials is not None:
+            channel = grpc.aio.secure_channel(target, credentials, options=options + security.options())
         self.channel = channel or grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

@@ -99,6 +99,13 @@ class BatchConfig:
     allow_failures: bool = False
     labels_from_folders: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal, a line every 10 s otherwise
+    # TLS and the bearer token (imgcls.client.client.Security, docs/security.md)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token: str | None = None
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "concurrency", "max_request_bytes"):
@@ -316,7 +323,9 @@ class BatchJob:
         self.source: InputSource = open_input(config.input)
         self.fmt = output_format(config.output, config.output_format)
         self.client = client or Client(config.target, timeout=config.timeout, retries=0,
-                                       max_message_bytes=MAX_MESSAGE_BYTES)
+                                       max_message_bytes=MAX_MESSAGE_BYTES, tls=config.tls, tls_ca=config.tls_ca,
+                                       tls_cert=config.tls_cert, tls_key=config.tls_key, token=config.token,
+                                       tls_server_name=config.tls_server_name)
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self._noted: dict[str, float] = {}

@@ -23,6 +23,47 @@ def _target(parser: argparse.ArgumentParser) -> None:
                         help=f"server address (env IMGCLS_TARGET, default {DEFAULT_TARGET})")
 
 
+def _security(parser: argparse.ArgumentParser) -> None:
+    """TLS and token flags (docs/security.md). The client's own certificate has no environment variable:
+    IMGCLS_TLS_CERT/KEY are the server's, and a client in the server's container must not pick them up."""
+    group = parser.add_argument_group("TLS and authentication")
+    group.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (implied by the flags "
+                       "below)")
+    group.add_argument("--tls-ca", metavar="FILE",
+                       help="PEM CA certificate(s) that signed the server's certificate (env IMGCLS_TLS_CA)")
+    group.add_argument("--tls-cert", metavar="FILE", help="this client's PEM certificate, for mutual TLS")
+    group.add_argument("--tls-key", metavar="FILE", help="this client's PEM private key, for mutual TLS")
+    group.add_argument("--tls-server-name", metavar="NAME",
+                       help="the name the server's certificate must carry, when not the --target host")
+    group.add_argument("--token", metavar="TOKEN",
+                       help="bearer token sent with every call (env IMGCLS_TOKEN; visible to `ps` on the command "
+                            "line: prefer the env or --token-file)")
+    group.add_argument("--token-file", type=Path, metavar="FILE", help="read the bearer token from FILE (its "
+                       "first line)")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, --token-file or IMGCLS_TOKEN (read here, not as the flag's default: help prints defaults)."""
+    if args.token:
+        return args.token
+    if getattr(args, "token_file", None) is None:
+        return os.environ.get("IMGCLS_TOKEN") or None
+    try:
+        lines = [line.strip() for line in args.token_file.read_text("utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImgclsError(f"--token-file {args.token_file}: cannot read it ({exc})") from None
+    token = next((line for line in lines if line and not line.startswith("#")), None)
+    if token is None:
+        raise ImgclsError(f"--token-file {args.token_file}: no token in it")
+    return token
+
+
+def _security_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tls": args.tls, "tls_ca": args.tls_ca or os.environ.get("IMGCLS_TLS_CA") or None,
+            "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_server_name": args.tls_server_name, "token": _token(args)}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     predict = add_command(
         sub, "predict", help="classify image files with a running server",
@@ -43,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                          help="seconds per request, retries of an unavailable server included")
     predict.add_argument("--batch-size", type=int, default=16, help="images per request")
+    _security(predict)
     predict.set_defaults(func=predict_command)
 
     batch = add_command(
@@ -96,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="progress bar on stderr (default: a bar when stderr is a terminal, else a line every "
                             "10 s)")
     batch.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _security(batch)
     batch.set_defaults(func=batch_command)
 
 
@@ -119,7 +162,8 @@ def predict_command(args: argparse.Namespace) -> int:
         raise ImgclsError("--top-k must be at least 1")
     if args.batch_size < 1:
         raise ImgclsError("--batch-size must be at least 1")
-    with Client(args.target, timeout=args.timeout, on_retry=_say_retry("predict", args.target)) as client:
+    with Client(args.target, timeout=args.timeout, on_retry=_say_retry("predict", args.target),
+                **_security_kwargs(args)) as client:
         records = predict_records(client, args.files, model=args.model, version=args.version, top_k=args.top_k,
                                   batch_size=args.batch_size, timeout=args.timeout)
     if args.json:
@@ -156,5 +200,6 @@ def batch_command(args: argparse.Namespace) -> int:
     from imgcls.client.batch import BatchConfig, run_command
 
     fields = BatchConfig.__dataclass_fields__
-    config = BatchConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {**vars(args), **_security_kwargs(args)}
+    config = BatchConfig(**{k: v for k, v in values.items() if k in fields})
     return run_command(config, json_summary=args.json)

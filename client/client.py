@@ -106,6 +106,58 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reco
                      ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a client reaches a server with TLS and a token (docs/security.md): `tls_ca` trusts that CA (PEM
+    file; TLS with the system's CAs when only `tls` is set), `tls_cert`/`tls_key` are this client's own
+    certificate for mutual TLS, `token` goes as `authorization: Bearer <token>` on every call.
+    `tls_server_name`: the name the server's certificate must carry when it differs from the target's host
+    (an IP address, a port-forward)."""
+
+    tls: bool = False
+    tls_ca: str | os.PathLike[str] | None = None
+    tls_cert: str | os.PathLike[str] | None = None
+    tls_key: str | os.PathLike[str] | None = None
+    token: str | None = None
+    tls_server_name: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert or self.tls_key)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials, None for a plaintext channel; ImgclsError for a file that can't be read or a
+        token that would go in clear text."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ImgclsError("--tls-cert and --tls-key go together (the client's certificate for mutual TLS)")
+        token = (self.token or "").strip()
+        if not self.uses_tls:
+            if token:
+                raise ImgclsError("a token needs TLS (--tls-ca FILE, or --tls for the system's CAs): gRPC sends "
+                                  "tokens over encrypted channels only")
+            return None
+        if token and (not token.isascii() or not token.isprintable() or " " in token):
+            raise ImgclsError("the token must be printable ASCII without spaces")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "--tls-ca"), private_key=_read(self.tls_key, "--tls-key"),
+            certificate_chain=_read(self.tls_cert, "--tls-cert"))
+        if token:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+        return credentials
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+
+
+def _read(path: str | os.PathLike[str] | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImgclsError(f"{flag} {path}: cannot read ({exc.strerror or exc})") from None
+
+
 def _retry_after(exc: grpc.RpcError) -> float | None:
     try:
         metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
@@ -201,11 +253,19 @@ class Client:
         max_message_bytes: int = 64 * 1024 * 1024,
         channel: grpc.Channel | None = None,
         on_retry: Callable[[ServiceError, int, float], None] | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         """`timeout`: seconds per call, all attempts together (None: no deadline). `retries`: at most this many
         retries per call (None: as many as the timeout allows; 0: none). `backoff`/`max_backoff`: the first
         retry delay and its cap. `on_retry(error, attempt, delay)` is called before each retry's sleep, so a
-        program can say what it is waiting for instead of looking hung (the CLI prints it)."""
+        program can say what it is waiting for instead of looking hung (the CLI prints it).
+        `tls`, `tls_ca`, `tls_cert`, `tls_key`, `token`, `tls_server_name`: see `Security`. A TLS handshake that
+        fails (wrong CA, expired certificate) is UNAVAILABLE, retried within the timeout like a server away."""
         self.target = target
         self.on_retry = on_retry
         self.timeout = timeout
@@ -214,6 +274,10 @@ class Client:
         self._closed = False
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+        security = Security(tls, tls_ca, tls_cert, tls_key, token, tls_server_name)
+        credentials = security.credentials()
+        if channel is None and credentials is not None:
+            channel = grpc.secure_channel(target, credentials, options=options + security.options())
         self.channel = channel or grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

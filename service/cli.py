@@ -120,6 +120,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--keepalive-time", "seconds between the server's pings on an idle connection (finds dead "
           "clients); 0 = never", 60.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)
+    _flag(serve, "--tls-cert", "PEM certificate (chain) for TLS on the gRPC and HTTP ports; re-read when the file "
+          "changes, as cert-manager rotates it (docs/security.md)", metavar="FILE")
+    _flag(serve, "--tls-key", "PEM private key of --tls-cert", metavar="FILE")
+    _flag(serve, "--tls-client-ca", "PEM CA certificate(s): mutual TLS, a client must present a certificate one of "
+          "them signed", metavar="FILE")
+    _flag(serve, "--token-file", "bearer tokens, one a line (several: rotation), re-read when it changes; calls "
+          "without one are UNAUTHENTICATED / 401, health never needs one. IMGCLS_TOKENS (comma-separated) adds "
+          "tokens from the environment", metavar="FILE")
+    _flag(serve, "--auth-metrics", "true: /metrics on the HTTP port needs a token too (the metrics port never "
+          "does)", "false", type=_bool, metavar="BOOL")
     _flag(serve, "--verify-checksums", "check artifact sha256 against the manifest at load", "true", type=_bool,
           metavar="BOOL")
     serve.set_defaults(func=serve_command)
@@ -149,6 +159,12 @@ def _model_policies(values: list[str] | str | None) -> dict[str, str]:
             raise ImgclsError(f"--model-version-policy {part!r}: expected NAME=POLICY, e.g. flowers=latest:2")
         policies[name.strip()] = policy.strip()
     return policies
+
+
+def _env_tokens() -> list[str]:
+    from imgcls.service.security import parse_tokens
+
+    return parse_tokens(os.environ.get("IMGCLS_TOKENS", ""), "IMGCLS_TOKENS")
 
 
 def _workers(text: str, cpus: int) -> int:
@@ -190,6 +206,9 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         max_connection_age_grace=args.max_connection_age_grace, keepalive_time=args.keepalive_time,
         access_log=args.access_log, access_log_rate=args.access_log_rate,
         verify_checksums=args.verify_checksums,
+        tls_cert=args.tls_cert or None, tls_key=args.tls_key or None, tls_client_ca=args.tls_client_ca or None,
+        token_file=args.token_file or None, auth_metrics=args.auth_metrics,
+        tokens=_env_tokens(),
     )
     if args.cpus is not None and args.cpus < 1:
         raise ImgclsError("--cpus must be at least 1")

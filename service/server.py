@@ -38,7 +38,7 @@ from imgcls.cpus import cpu_limits
 from imgcls.decoding import DEFAULT_FORMATS, DecodeLimits, DecodePool
 from imgcls.errors import ImgclsError
 from imgcls.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from imgcls.service import cluster, observability, repository, runtimes
+from imgcls.service import cluster, observability, repository, runtimes, security
 from imgcls.service.core import Core
 from imgcls.service.metrics import Metrics
 from imgcls.service.models import LoadedModel, ModelManager, ReloadResult, RuntimeHook
@@ -98,6 +98,13 @@ class ServeConfig:
     access_log_rate: float = 100.0  # most lines per second for successful calls; the rest are counted, not logged
     keepalive_time: float = 60.0  # server pings an idle connection this often to find dead peers; 0 = never
     verify_checksums: bool = True
+    # TLS on the gRPC and HTTP ports (docs/security.md); PEM files, re-read when they change.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
+    token_file: str | None = None  # bearer tokens, one a line, re-read when it changes
+    tokens: list[str] = field(default_factory=list)  # bearer tokens given directly (IMGCLS_TOKENS)
+    auth_metrics: bool = False  # /metrics on the HTTP port needs a token too (the metrics port never does)
 
     def validate(self) -> None:
         repository.VersionPolicy.parse(self.versions, "--version-policy")
@@ -124,6 +131,7 @@ class ServeConfig:
             raise ImgclsError("--stream-idle-timeout must be > 0")
         if self.decode_cpu_seconds <= 0 or self.decode_memory_mb < 1:
             raise ImgclsError("--decode-cpu-seconds must be > 0 and --decode-memory-mb at least 1")
+        security.check_files(self.tls_cert, self.tls_key, self.tls_client_ca)
         try:
             self.decode_limits()
         except ValueError as exc:
@@ -196,6 +204,7 @@ class InferenceServer:
         self.metrics_port = 0
         self.http_port = 0
         self.http = None  # the HTTP front-end (service/http/): on the gRPC loop, through the same core
+        self.security = security.Security()  # TLS and tokens, from the config in start() (files read there)
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -283,6 +292,7 @@ class InferenceServer:
         for name in sorted(set(cfg.model_versions) - set(on_disk)):
             log.warning("--model-version-policy names %s, not in the repository (yet)", name)
 
+        self.security = security.Security.from_config(cfg)
         protocol_modules = [importlib.import_module(f"imgcls.service.{name}") for name in PROTOCOLS]
         # health answers for the whole server ("") and for every service on the port
         self._health_names = ("", *(s for module in protocol_modules for s in module.SERVICE_NAMES))
@@ -297,7 +307,7 @@ class InferenceServer:
         if cfg.http_port is not None:
             from imgcls.service.http import HttpServer
 
-            self.http = HttpServer(self.core, cfg)
+            self.http = HttpServer(self.core, cfg, self.security)
             self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port))
             log.info("HTTP on %s:%d (KServe v2 and TF Serving REST, /predict, web page)", cfg.host, self.http_port)
         if self.link is None:  # with --workers, the supervisor serves every process's metrics
@@ -313,6 +323,7 @@ class InferenceServer:
             asyncio.run_coroutine_threadsafe(self._follow_whole_server(), self._loop)
             log.info("gRPC on %s:%d (worker %d of %d); loading %d model(s)",
                      cfg.host, self.port, self.link.index + 1, self.link.workers, len(on_disk))
+        log.info("requests ports: %s", self.security.describe())
         log.info("CPUs: %s; %d inference thread(s) per model, %d decode worker(s)",
                  cpu_limits().describe(), cfg.inference_threads, cfg.decode_workers)
         threading.Thread(target=self._loader, name="model-loader", daemon=True).start()
@@ -327,7 +338,10 @@ class InferenceServer:
                    *connection_options(cfg)]
         # No maximum_concurrent_rpcs: gRPC would refuse past it before any handler ran, unseen by the metrics;
         # the core refuses past --max-concurrent-calls instead, counted with its code.
-        self._grpc = grpc.aio.server(options=options)
+        interceptors = []
+        if self.security.auth is not None:
+            interceptors.append(security.AuthInterceptor(self.security.auth, security.recorder(self.core)))
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         for module in protocol_modules:
             self._grpc.add_generic_rpc_handlers(module.handlers(self.core))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -335,7 +349,10 @@ class InferenceServer:
         for name in self._health_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            port = self._grpc.add_insecure_port(address)
+            if self.security.certificates is not None:
+                port = self._grpc.add_secure_port(address, self.security.certificates.grpc_credentials())
+            else:
+                port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
             raise ImgclsError(f"cannot listen on {address} ({exc}); is the port in use?") from None
         await self._grpc.start()

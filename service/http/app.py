@@ -11,6 +11,10 @@ pin, one `imgcls_requests_total` row with method label `http.<API>.<method>`), a
 the request body read under the size limit (413), the call's deadline from `?timeout=` or the
 `X-Request-Timeout` header (seconds), and the status mapping below; errors are JSON `{"error": ..., "code": ...}`
 ("error" is what both KServe v2 and TF Serving clients read).
+
+TLS and bearer tokens (service/security.py) are the gRPC port's: the same certificate files (re-read at each
+handshake when they changed) and the same token rule, as the first middleware, so a refused request is
+answered 401 before its route runs or its body is read.
 """
 
 from __future__ import annotations
@@ -108,12 +112,19 @@ def set_timeout(call: Call, timeout_s: float) -> None:
 class HttpServer:
     """The HTTP port: routes of every API, started and stopped on the gRPC loop by `InferenceServer`."""
 
-    def __init__(self, core: Core, config: Any) -> None:
+    def __init__(self, core: Core, config: Any, security: Any = None) -> None:
+        """`security`: a service.security.Security (TLS and tokens), None = plaintext and no tokens."""
         from imgcls.service.http import kserve_rest, openapi, pages, plain, tfserving_rest
+        from imgcls.service.security import Security, recorder
 
         self.core = core
+        self.security = security or Security()
         self.max_body_bytes = int(config.max_message_bytes)
-        self.app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._unrouted])
+        middlewares = [self._unrouted]
+        if self.security.auth is not None:
+            self._refused = recorder(core)
+            middlewares.insert(0, self._authenticate)
+        self.app = web.Application(client_max_size=self.max_body_bytes, middlewares=middlewares)
         for module in (kserve_rest, tfserving_rest, plain, pages, openapi):
             module.add_routes(self.app.router, self)
         self._runner: web.AppRunner | None = None
@@ -134,7 +145,9 @@ class HttpServer:
             from imgcls.errors import ImgclsError
 
             raise ImgclsError(f"cannot serve HTTP on {host}:{port} ({exc})") from None
-        site = web.SockSite(self._runner, sock, backlog=1024)
+        certificates = self.security.certificates
+        site = web.SockSite(self._runner, sock, backlog=1024,
+                            ssl_context=certificates.http_context() if certificates is not None else None)
         await site.start()
         return sock.getsockname()[1]
 
@@ -178,6 +191,16 @@ class HttpServer:
         except web.HTTPRequestEntityTooLarge:
             raise HttpError(413, grpc.StatusCode.INVALID_ARGUMENT,
                             f"request body over {self.max_body_bytes} bytes (--max-message-bytes)") from None
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """The gRPC port's token rule (security.Auth); refusals are recorded under the method label `http`."""
+        from imgcls.service.security import REFUSAL
+
+        if self.security.auth.allows(request.path, request.headers.get("Authorization")):
+            return await handler(request)
+        self._refused("http", request.remote or "")
+        return json_response({"error": REFUSAL, "code": "UNAUTHENTICATED"}, 401, {"WWW-Authenticate": "Bearer"})
 
     @web.middleware
     async def _unrouted(self, request: web.Request, handler: Callable) -> web.StreamResponse:

@@ -1,0 +1,337 @@
+"""TLS, mutual TLS and bearer tokens on the gRPC and HTTP ports (service/security.py, docs/security.md), with
+real certificates made here by `cryptography`: a CA, server certificates for 127.0.0.1 and localhost (one of
+them expired), a client certificate, and a second CA that trusts none of them."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from service_fixtures import metric, running_server, sample_image, scrape
+
+from imgcls.client.client import Client, ServiceError
+from imgcls.errors import ImgclsError
+from imgcls.service.security import REFUSAL, Auth, Tokens, bearer, parse_tokens
+
+pytest_plugins = ["service_plugin"]
+
+TOKEN = "s3cret-token-0123456789abcdef"
+IMAGE = sample_image(7, fmt="PNG")
+
+
+# --- certificates ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _issue(folder: Path, name: str, *, issuer: tuple | None = None, ca: bool = False, server: bool = False,
+           expired: bool = False) -> tuple[Issued, tuple]:
+    """A certificate and its key as PEM files; returns (files, (certificate, key)) to sign others with."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = ((now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) if expired
+                  else (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer if issuer else (None, key)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer_cert.subject if issuer_cert else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                                      key_encipherment=False, data_encipherment=False,
+                                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                                      encipher_only=False, decipher_only=False), critical=True)
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                                  critical=False))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    files = Issued(folder / f"{name}.crt", folder / f"{name}.key")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return files, (cert, key)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server: Issued
+    expired: Issued
+    client: Issued
+    other_ca: Path
+    other_server: Issued  # signed by other_ca (a "rotated" certificate from a new CA)
+    other_client: Issued  # signed by other_ca: not trusted by a server whose client CA is `ca`
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, ca_pair = _issue(folder, "ca", ca=True)
+    other, other_pair = _issue(folder, "other-ca", ca=True)
+    return Pki(ca=ca.cert, server=_issue(folder, "server", issuer=ca_pair, server=True)[0],
+               expired=_issue(folder, "expired", issuer=ca_pair, server=True, expired=True)[0],
+               client=_issue(folder, "client", issuer=ca_pair)[0], other_ca=other.cert,
+               other_server=_issue(folder, "other-server", issuer=other_pair, server=True)[0],
+               other_client=_issue(folder, "other-client", issuer=other_pair)[0])
+
+
+def _predict(server, **kwargs) -> str:
+    """The top label of one image over gRPC (no retries: a refused handshake is UNAVAILABLE at once)."""
+    with Client(f"127.0.0.1:{server.port}", timeout=10, retries=0, **kwargs) as client:
+        return client.predict([IMAGE], model="tiny").results[0].labels[0].name
+
+
+def _code(server, **kwargs) -> grpc.StatusCode:
+    """How one Predict ended."""
+    try:
+        _predict(server, **kwargs)
+    except ServiceError as exc:
+        return exc.code
+    return grpc.StatusCode.OK
+
+
+def _refusal(server, **kwargs) -> grpc.StatusCode:
+    code = _code(server, **kwargs)
+    assert code != grpc.StatusCode.OK, "expected a refusal"
+    return code
+
+
+def _https(server, path: str, ca: Path | None, token: str | None = None, cert: Issued | None = None,
+           data: bytes | None = None) -> tuple[int, bytes]:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else ssl.create_default_context()
+    if cert is not None:
+        context.load_cert_chain(cert.cert, cert.key)
+    request = urllib.request.Request(f"https://127.0.0.1:{server.http_port}{path}", data=data)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except urllib.error.URLError as exc:  # the handshake's own error, for the tests to tell which it was
+        if isinstance(exc.reason, ssl.SSLError):
+            raise exc.reason from None
+        raise
+
+
+# --- the rule, without a server -------------------------------------------------------------------------------
+
+
+def test_token_rule(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# comment\nold-token\n\nnew-token\n")
+    auth = Auth(Tokens(["env-token"], path))
+    assert auth.allows("/imgcls.v1.Inference/Predict", "Bearer old-token")
+    assert auth.allows("/predict", "bearer new-token")
+    assert auth.allows("/predict", "Bearer env-token")
+    for value in (None, "", "Bearer", "Bearer ", "Basic old-token", "Bearer old-token2", "Bearer ld-token",
+                  "old-token", "Bearer # comment"):
+        assert not auth.allows("/predict", value), value
+    for exempt in ("/grpc.health.v1.Health/Check", "/v2/health/ready", "/metrics"):
+        assert auth.allows(exempt, None)
+    assert not Auth(Tokens(["t"]), metrics_need_token=True).allows("/metrics", None)
+    assert bearer("Bearer  abc ") == b"abc"
+    assert parse_tokens("a, b\nc", "env") == ["a", "b", "c"]
+    (tmp_path / "empty").write_text("# nothing yet\n")
+    with pytest.raises(ImgclsError, match="no token"):
+        Tokens([], tmp_path / "empty")
+    with pytest.raises(ImgclsError, match="missing"):
+        Tokens([], tmp_path / "absent")
+
+
+def test_token_file_rotation(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("first\n")
+    tokens = Tokens(file=path, check_interval=0)
+    assert tokens.valid(b"first") and not tokens.valid(b"second")
+    path.write_text("first\nsecond\n")  # rotation: both for a while
+    assert tokens.valid(b"first") and tokens.valid(b"second")
+    path.write_text("second\n")
+    assert not tokens.valid(b"first") and tokens.valid(b"second")
+    path.unlink()  # replaced by a Secret volume update: a moment without the file keeps the tokens
+    assert tokens.valid(b"second")
+    path.write_text("")  # emptied on purpose: nobody gets in
+    assert not tokens.valid(b"second")
+
+
+def test_flag_combinations(service_repo, pki):
+    from imgcls.service.server import ServeConfig
+
+    with pytest.raises(ImgclsError, match="go together"):
+        ServeConfig(model_repository=service_repo, tls_cert=str(pki.server.cert)).validate()
+    with pytest.raises(ImgclsError, match="needs --tls-cert"):
+        ServeConfig(model_repository=service_repo, tls_client_ca=str(pki.ca)).validate()
+    from imgcls.service.server import InferenceServer
+
+    server = InferenceServer(ServeConfig(model_repository=service_repo, host="127.0.0.1", port=0, metrics_port=0,
+                                         tls_cert=str(pki.server.cert), tls_key=str(pki.client.key)))
+    try:  # the key of another certificate: refused before any port is bound
+        with pytest.raises(ImgclsError, match="cannot load them together"):
+            server.start()
+    finally:
+        server.stop()
+    with pytest.raises(ImgclsError, match="token needs TLS"):
+        Client("127.0.0.1:1", token=TOKEN)
+
+
+# --- TLS and tokens on a running server -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(service_repo, pki, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    with running_server(service_repo, http_port=0, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key),
+                        token_file=str(tokens)) as server:
+        server.token_path = tokens
+        yield server
+
+
+def test_tls_and_token_accepted(tls_server, pki):
+    assert _predict(tls_server, tls_ca=pki.ca, token=TOKEN) in ("cat", "dog", "bird")
+    with Client(f"127.0.0.1:{tls_server.port}", timeout=10, retries=0, tls_ca=pki.ca,
+                tls_server_name="localhost") as client:
+        assert client.health() == "SERVING"  # health needs no token
+    status, body = _https(tls_server, "/predict?model=tiny", pki.ca, TOKEN, data=IMAGE)
+    assert status == 200, body
+    assert json.loads(body)["results"][0]["labels"][0]["name"] in ("cat", "dog", "bird")
+    assert _https(tls_server, "/v2/health/ready", pki.ca) == (200, b'{"ready":true}')
+    assert _https(tls_server, "/metrics", pki.ca)[0] == 200  # exempt unless --auth-metrics
+
+
+def test_plaintext_and_wrong_ca_refused(tls_server, pki):
+    assert _refusal(tls_server) == grpc.StatusCode.UNAVAILABLE  # plaintext client, TLS server
+    assert _refusal(tls_server, tls_ca=pki.other_ca, token=TOKEN) == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _https(tls_server, "/v2/health/ready", pki.other_ca)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to a TLS port: no HTTP answer
+        urllib.request.urlopen(f"http://127.0.0.1:{tls_server.http_port}/v2/health/ready", timeout=10)
+
+
+def test_missing_and_wrong_token_refused_alike(tls_server, pki):
+    before = scrape(tls_server)
+    codes = [_refusal(tls_server, tls_ca=pki.ca, token=token) for token in (None, "wrong", TOKEN + "x")]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    with pytest.raises(ServiceError) as info:
+        _predict(tls_server, tls_ca=pki.ca, token="wrong")
+    assert info.value.message == REFUSAL  # the same words whatever was wrong
+    answers = [_https(tls_server, "/predict?model=tiny", pki.ca, token, data=IMAGE) for token in (None, "wrong")]
+    assert answers[0] == answers[1]
+    status, body = answers[0]
+    assert status == 401 and json.loads(body) == {"error": REFUSAL, "code": "UNAUTHENTICATED"}
+    after = scrape(tls_server)
+    for method, count in (("Predict", 4), ("http", 2)):  # counted as calls, before any model was resolved
+        sample = {"method": method, "code": "UNAUTHENTICATED"}
+        assert metric(after, "imgcls_requests_total", **sample) - metric(before, "imgcls_requests_total",
+                                                                          **sample) == count
+
+
+def test_token_file_rotated_on_a_running_server(tls_server, pki):
+    tls_server.token_path.write_text(f"{TOKEN}\nnext-token\n")
+    _eventually(lambda: _code(tls_server, tls_ca=pki.ca, token="next-token") == grpc.StatusCode.OK)
+    assert _code(tls_server, tls_ca=pki.ca, token=TOKEN) == grpc.StatusCode.OK  # both, while rotating
+    tls_server.token_path.write_text("next-token\n")
+    _eventually(lambda: _code(tls_server, tls_ca=pki.ca, token=TOKEN) == grpc.StatusCode.UNAUTHENTICATED)
+    assert _https(tls_server, "/predict?model=tiny", pki.ca, TOKEN, data=IMAGE)[0] == 401
+    assert _https(tls_server, "/predict?model=tiny", pki.ca, "next-token", data=IMAGE)[0] == 200
+    tls_server.token_path.write_text(f"{TOKEN}\n")
+    _eventually(lambda: _code(tls_server, tls_ca=pki.ca, token=TOKEN) == grpc.StatusCode.OK)
+
+
+def _eventually(check, timeout: float = 10.0) -> None:
+    """The token file is looked at once a second: retry a check that may see the old one."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the change was not seen in time"
+        time.sleep(0.2)
+
+
+def test_cli_predict_with_tls_and_token(tls_server, pki, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(IMAGE)
+    command = [sys.executable, "-m", "imgcls.cli", "predict", "--target", f"localhost:{tls_server.port}",
+               "--tls-ca", str(pki.ca), "--model", "tiny", "--json", "--timeout", "20", str(image)]
+    done = subprocess.run([*command, "--token", TOKEN], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["labels"][0]["name"] in ("cat", "dog", "bird")
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                             env={**_env(), "IMGCLS_TOKEN": "wrong"})
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr + refused.stdout
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "IMGCLS_TOKEN"}
+
+
+@pytest.mark.slow
+def test_certificate_files_rotated_in_place(service_repo, pki, tmp_path):
+    """cert-manager rewrites tls.crt/tls.key in place: new handshakes on both ports get the new pair."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki.server.cert.read_bytes())
+    key.write_bytes(pki.server.key.read_bytes())
+    with running_server(service_repo, http_port=0, tls_cert=str(cert), tls_key=str(key)) as server:
+        assert _predict(server, tls_ca=pki.ca)
+        assert _refusal(server, tls_ca=pki.other_ca) == grpc.StatusCode.UNAVAILABLE
+        key.write_bytes(pki.other_server.key.read_bytes())  # half-way: a key that does not match: ignored
+        assert _predict(server, tls_ca=pki.ca)
+        cert.write_bytes(pki.other_server.cert.read_bytes())
+        assert _predict(server, tls_ca=pki.other_ca)
+        assert _refusal(server, tls_ca=pki.ca) == grpc.StatusCode.UNAVAILABLE
+        assert _https(server, "/v2/health/ready", pki.other_ca)[0] == 200
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _https(server, "/v2/health/ready", pki.ca)
+
+
+@pytest.mark.slow
+def test_expired_server_certificate_refused(service_repo, pki):
+    with running_server(service_repo, http_port=0, tls_cert=str(pki.expired.cert),
+                        tls_key=str(pki.expired.key)) as server:
+        assert _refusal(server, tls_ca=pki.ca) == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+            _https(server, "/v2/health/ready", pki.ca)
+
+
+@pytest.mark.slow
+def test_mutual_tls(service_repo, pki):
+    with running_server(service_repo, http_port=0, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key),
+                        tls_client_ca=str(pki.ca)) as server:
+        mine = {"tls_cert": pki.client.cert, "tls_key": pki.client.key}
+        assert _predict(server, tls_ca=pki.ca, **mine)
+        assert _refusal(server, tls_ca=pki.ca) == grpc.StatusCode.UNAVAILABLE  # no client certificate
+        assert _refusal(server, tls_ca=pki.ca, tls_cert=pki.other_client.cert,
+                        tls_key=pki.other_client.key) == grpc.StatusCode.UNAVAILABLE  # signed by another CA
+        assert _https(server, "/v2/health/ready", pki.ca, cert=pki.client)[0] == 200
+        for cert in (None, pki.other_client):
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                _https(server, "/v2/health/ready", pki.ca, cert=cert)
