@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import urllib.request
 from dataclasses import replace
@@ -168,6 +169,25 @@ def test_schema_validation_is_not_vacuous(docs, validators):
     ok["spec"]["predictor"]["model"]["args"] = ["--max-batch-size", "16"]
     ok["spec"]["predictor"]["nodeSelector"] = {"kubernetes.io/arch": "amd64"}
     assert not errors(validators, ok)
+
+
+def test_docs_examples_validate(validators):
+    """Every YAML block of docs/kserve.md is a whole object that validates: KServe's against the excerpts,
+    Kubernetes' with kubernetes-validate (strict)."""
+    kv = pytest.importorskip("kubernetes_validate")
+    text = (ROOT / "docs" / "kserve.md").read_text()
+    blocks = re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)
+    objects = [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
+    assert {o["kind"] for o in objects} >= {"InferenceService", "Secret", "ServiceAccount"}
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in validators:
+            assert not errors(validators, obj)
+        else:
+            kv.validate(obj, kv.utils.latest_version(), strict=True)
+    isvc = next(o for o in objects if o["kind"] == "InferenceService")
+    runtime = yaml.safe_load((KSERVE / "clusterservingruntime.yaml").read_text())
+    env = container_env(runtime, isvc)
+    assert env["IMGCLS_RUNTIME"] == FORMAT_RUNTIME[isvc["spec"]["predictor"]["model"]["modelFormat"]["name"]]
 
 
 def test_runtime_agrees_with_the_server_and_the_image(docs):
