@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # What a refused caller is told, on both protocols: the same words whatever was wrong.
 REFUSAL = "authentication required: send a valid token as 'authorization: Bearer <token>'"
+CERTIFICATE_REFUSAL = "authentication required: a client certificate signed by the server's client CA"
 # Operations that never need a token: health, on both protocols.
 HEALTH = frozenset({
     "/grpc.health.v1.Health/Check",
@@ -115,7 +116,8 @@ class CertificateFiles:
         return Certificates(self._generation, contents[self.cert], contents[self.key], ca,
                             self._context(contents[self.cert], contents[self.key], ca))
 
-    def _context(self, cert: bytes, key: bytes, ca: bytes | None) -> ssl.SSLContext:
+    def _context(self, cert: bytes, key: bytes, ca: bytes | None,
+                 verify: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
         """A server SSLContext from the bytes read (load_cert_chain takes paths only: a private temporary copy,
         so that what is checked is exactly what gRPC is handed)."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -135,7 +137,7 @@ class CertificateFiles:
                 context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
             except (ssl.SSLError, ValueError) as exc:
                 raise ImgclsError(f"--tls-client-ca {self.client_ca}: not a PEM CA certificate ({exc})") from None
-            context.verify_mode = ssl.CERT_REQUIRED
+            context.verify_mode = verify
         return context
 
     def current(self) -> Certificates:
@@ -186,8 +188,14 @@ class CertificateFiles:
     def http_context(self) -> ssl.SSLContext:
         """The context the HTTP site listens with. Its certificate and CA are swapped, at each handshake, for
         the newest files' through the SNI callback (which OpenSSL calls with or without SNI); the verify mode
-        stays this context's, so mTLS can't be lost by a reload."""
-        site = self._context(self._current.cert, self._current.key, self._current.client_ca)
+        stays this context's, so mTLS can't be lost by a reload.
+
+        With mTLS the client certificate is *optional* at the handshake here (a certificate sent is verified;
+        a bad one fails the handshake) and required by `Auth.refusal` for everything but health: a Kubernetes
+        HTTPS probe (no client certificate) can then still reach /v2/health/ready. On gRPC it is required at
+        the handshake (gRPC offers no optional mode; kubelet's gRPC probes cannot speak TLS at all)."""
+        site = self._context(self._current.cert, self._current.key, self._current.client_ca,
+                             verify=ssl.CERT_OPTIONAL)
 
         def newest(ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
             try:
@@ -287,17 +295,29 @@ def bearer(authorization: str | None) -> bytes | None:
 
 class Auth:
     """THE rule both protocols apply: may this operation (gRPC method path or HTTP path) run with this
-    `authorization` value?"""
+    `authorization` value (and, HTTP with mTLS, with or without a client certificate)?"""
 
-    def __init__(self, tokens: Tokens, *, metrics_need_token: bool = False) -> None:
+    def __init__(self, tokens: Tokens | None, *, metrics_need_token: bool = False,
+                 client_certificates: bool = False) -> None:
+        """`tokens` None: no token needed. `client_certificates`: mTLS, where a handshake without a client
+        certificate may happen (HTTP) and only the exempt operations may then run."""
         self.tokens = tokens
+        self.client_certificates = client_certificates
         self.exempt = HEALTH if metrics_need_token else HEALTH | {METRICS_PATH}
 
-    def allows(self, operation: str, authorization: str | None) -> bool:
+    def allows(self, operation: str, authorization: str | None, *, client_certificate: bool = True) -> bool:
+        return self.refusal(operation, authorization, client_certificate=client_certificate) is None
+
+    def refusal(self, operation: str, authorization: str | None, *, client_certificate: bool = True) -> str | None:
+        """None when allowed, else what the caller is told."""
         if operation in self.exempt:
-            return True
+            return None
+        if self.client_certificates and not client_certificate:
+            return CERTIFICATE_REFUSAL
+        if self.tokens is None:
+            return None
         token = bearer(authorization)
-        return token is not None and self.tokens.valid(token)
+        return None if token is not None and self.tokens.valid(token) else REFUSAL
 
 
 # --- the server's wiring --------------------------------------------------------------------------------------
@@ -317,17 +337,24 @@ class Security:
         if config.tls_cert or config.tls_key:
             certificates = CertificateFiles(Path(config.tls_cert), Path(config.tls_key),
                                             Path(config.tls_client_ca) if config.tls_client_ca else None)
-        auth = None
+        tokens = None
         if config.token_file or config.tokens:
             tokens = Tokens(config.tokens, Path(config.token_file) if config.token_file else None)
-            auth = Auth(tokens, metrics_need_token=config.auth_metrics)
             if certificates is None:
                 log.warning("bearer tokens without TLS: tokens cross the network in clear text (--tls-cert)")
+        mutual = certificates is not None and certificates.mutual
+        auth = None
+        if tokens is not None or mutual:
+            auth = Auth(tokens, metrics_need_token=config.auth_metrics, client_certificates=mutual)
         return cls(certificates, auth)
+
+    @property
+    def tokens(self) -> bool:
+        return self.auth is not None and self.auth.tokens is not None
 
     def describe(self) -> str:
         tls = ("mutual TLS" if self.certificates.mutual else "TLS") if self.certificates else "plaintext"
-        return f"{tls}, {'bearer tokens' if self.auth else 'no authentication'}"
+        return f"{tls}, {'bearer tokens' if self.tokens else 'no tokens'}"
 
 
 def check_files(cert: str | None, key: str | None, client_ca: str | None) -> None:

@@ -339,7 +339,7 @@ class InferenceServer:
         # No maximum_concurrent_rpcs: gRPC would refuse past it before any handler ran, unseen by the metrics;
         # the core refuses past --max-concurrent-calls instead, counted with its code.
         interceptors = []
-        if self.security.auth is not None:
+        if self.security.tokens:  # (mTLS is the handshake's on gRPC: no certificate, no call)
             interceptors.append(security.AuthInterceptor(self.security.auth, security.recorder(self.core)))
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         for module in protocol_modules:

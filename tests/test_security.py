@@ -22,7 +22,7 @@ from service_fixtures import metric, running_server, sample_image, scrape
 
 from imgcls.client.client import Client, ServiceError
 from imgcls.errors import ImgclsError
-from imgcls.service.security import REFUSAL, Auth, Tokens, bearer, parse_tokens
+from imgcls.service.security import CERTIFICATE_REFUSAL, REFUSAL, Auth, Tokens, bearer, parse_tokens
 
 pytest_plugins = ["service_plugin"]
 
@@ -159,6 +159,9 @@ def test_token_rule(tmp_path):
     for exempt in ("/grpc.health.v1.Health/Check", "/v2/health/ready", "/metrics"):
         assert auth.allows(exempt, None)
     assert not Auth(Tokens(["t"]), metrics_need_token=True).allows("/metrics", None)
+    mutual = Auth(None, client_certificates=True)
+    assert mutual.allows("/predict", None) and mutual.allows("/v2/health/live", None, client_certificate=False)
+    assert mutual.refusal("/predict", None, client_certificate=False) == CERTIFICATE_REFUSAL
     assert bearer("Bearer  abc ") == b"abc"
     assert parse_tokens("a, b\nc", "env") == ["a", "b", "c"]
     (tmp_path / "empty").write_text("# nothing yet\n")
@@ -331,7 +334,10 @@ def test_mutual_tls(service_repo, pki):
         assert _refusal(server, tls_ca=pki.ca) == grpc.StatusCode.UNAVAILABLE  # no client certificate
         assert _refusal(server, tls_ca=pki.ca, tls_cert=pki.other_client.cert,
                         tls_key=pki.other_client.key) == grpc.StatusCode.UNAVAILABLE  # signed by another CA
-        assert _https(server, "/v2/health/ready", pki.ca, cert=pki.client)[0] == 200
-        for cert in (None, pki.other_client):
-            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-                _https(server, "/v2/health/ready", pki.ca, cert=cert)
+        assert _https(server, "/predict?model=tiny", pki.ca, cert=pki.client, data=IMAGE)[0] == 200
+        # HTTP: no certificate reaches health only (a Kubernetes HTTPS probe has none), the rest is 401
+        assert _https(server, "/v2/health/ready", pki.ca)[0] == 200
+        status, body = _https(server, "/predict?model=tiny", pki.ca, data=IMAGE)
+        assert status == 401 and json.loads(body) == {"error": CERTIFICATE_REFUSAL, "code": "UNAUTHENTICATED"}
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):  # a certificate of another CA
+            _https(server, "/v2/health/ready", pki.ca, cert=pki.other_client)

@@ -194,13 +194,16 @@ class HttpServer:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        """The gRPC port's token rule (security.Auth); refusals are recorded under the method label `http`."""
-        from imgcls.service.security import REFUSAL
-
-        if self.security.auth.allows(request.path, request.headers.get("Authorization")):
+        """The gRPC port's token rule (security.Auth), and with mTLS the client certificate (optional at the
+        handshake here, so that probes reach health); refusals are recorded under the method label `http`."""
+        transport = request.transport
+        certificate = bool(transport is not None and transport.get_extra_info("peercert"))
+        refusal = self.security.auth.refusal(request.path, request.headers.get("Authorization"),
+                                             client_certificate=certificate)
+        if refusal is None:
             return await handler(request)
         self._refused("http", request.remote or "")
-        return json_response({"error": REFUSAL, "code": "UNAUTHENTICATED"}, 401, {"WWW-Authenticate": "Bearer"})
+        return json_response({"error": refusal, "code": "UNAUTHENTICATED"}, 401, {"WWW-Authenticate": "Bearer"})
 
     @web.middleware
     async def _unrouted(self, request: web.Request, handler: Callable) -> web.StreamResponse:
