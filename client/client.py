@@ -7,8 +7,8 @@
         for result in prediction.results:
             print(result.labels[0].name if result.ok else result.error)
 
-Images may be file paths, encoded bytes or PIL images (sent as PNG). Other failures raise `ServiceError`
-carrying the gRPC status.
+Images may be file paths, encoded bytes, PIL images or NumPy uint8 arrays (sent as PNG). Other failures raise
+`ServiceError` carrying the gRPC status.
 
 Retries, and why: a server restart (rollout, crash, SIGTERM) takes a few seconds, during which calls fail in
 ways that a later attempt fixes. So unary calls are retried, with exponential back-off and jitter (so that
@@ -46,9 +46,10 @@ from imgcls.v1 import inference_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    import numpy as np
     from PIL import Image
 
-    ImageInput: TypeAlias = str | os.PathLike[str] | bytes | Image.Image
+    ImageInput: TypeAlias = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 T = TypeVar("T")
 
@@ -215,16 +216,24 @@ def _error(status: pb.Status) -> ErrorInfo | None:
 
 
 def to_bytes(image: ImageInput) -> bytes:
-    """What the server accepts: encoded image bytes (PIL images are encoded losslessly as PNG)."""
+    """What the server accepts: encoded image bytes. PIL images and NumPy uint8 arrays (H x W, H x W x 3 RGB,
+    H x W x 4 RGBA, as `imgcls.Classifier` takes them) are encoded losslessly as PNG."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
     if isinstance(image, str | os.PathLike):
         return Path(image).read_bytes()
+    if type(image).__module__ == "numpy" and hasattr(image, "dtype"):
+        from PIL import Image
+
+        if image.dtype != "uint8" or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise TypeError(f"a NumPy image must be uint8 H x W, H x W x 3 or H x W x 4, got {image.dtype} "
+                            f"{image.shape}")
+        image = Image.fromarray(image)
     if hasattr(image, "save"):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue()
-    raise TypeError(f"expected a path, bytes or a PIL image, got {type(image).__name__}")
+    raise TypeError(f"expected a path, bytes, a PIL image or a NumPy array, got {type(image).__name__}")
 
 
 def _prediction(response: pb.PredictResponse) -> Prediction:

@@ -204,6 +204,9 @@ def test_async_client_predicts_like_the_sync_client(service_repo):
             assert sorted(m.name for m in await client.list_models()) == ["other", "tiny"]
             meta = await client.metadata("tiny")
             together = await asyncio.gather(*(client.predict([img], model="tiny", top_k=2) for img in images))
+            pixels = np.asarray(Image.open(io.BytesIO(images[0])).convert("RGB"))
+            as_array = await client.predict([pixels], model="tiny", top_k=2)  # sent as PNG: the same pixels
+            assert [lb.name for lb in as_array.results[0].labels] == [lb.name for lb in together[0].results[0].labels]
             return meta, together
 
     with running_server(service_repo) as server, client_for(server) as sync:
