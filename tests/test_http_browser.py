@@ -7,6 +7,7 @@ Also a script that takes the screenshot in docs/ (`python tests/test_http_browse
 from __future__ import annotations
 
 import argparse
+import base64
 import shutil
 import sys
 from collections.abc import Iterator
@@ -44,6 +45,16 @@ def browser(width: int = 1100, height: int = 900) -> Iterator:
         driver.quit()
 
 
+# Drops a file on the drop zone as a browser does (a DragEvent with a DataTransfer holding the file).
+DROP = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], arguments[1], {type: "image/jpeg"}));
+document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true,
+                                                                     cancelable: true}));
+"""
+
+
 def upload(driver, port: int, files: list[Path], model: str, timeout: float = 60) -> list:
     """Open the page, choose `model`, upload `files` through the file input; the result cards, once done."""
     from selenium.webdriver.common.by import By
@@ -73,6 +84,7 @@ def photo(tmp: Path) -> Path:
                                                              ".ci/run installs them)")
 def test_upload_through_the_page_shows_the_grpc_label(service_repo, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     image = photo(tmp_path)
     with running_server(service_repo, http_port=0) as server, browser() as driver:
@@ -84,6 +96,12 @@ def test_upload_through_the_page_shows_the_grpc_label(service_repo, tmp_path):
         assert shown == response.results[0].labels[0].name
         assert "ms" in card.find_element(By.CSS_SELECTOR, ".latency").text
         assert len(card.find_elements(By.CSS_SELECTOR, ".label")) == 3  # top-k 5 of a 3-class model
+        # drag and drop: a drop event carrying the same photo adds a card with the same label
+        driver.execute_script(DROP, base64.b64encode(image.read_bytes()).decode(), "dropped.jpg")
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 2)
+        dropped = driver.find_elements(By.CSS_SELECTOR, ".result")[0]  # newest first
+        assert dropped.find_element(By.CSS_SELECTOR, ".filename").text == "dropped.jpg"
+        assert dropped.find_element(By.CSS_SELECTOR, ".label-name").text == shown
         models = driver.find_element(By.ID, "models").text
         assert "tiny" in models and "other" in models and "READY" in models
         # a file that is not an image gets its error on the page, and the page keeps working
@@ -94,8 +112,6 @@ def test_upload_through_the_page_shows_the_grpc_label(service_repo, tmp_path):
         png = tmp_path / "page.png"
         assert driver.save_screenshot(str(png)) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # the offline API docs render every operation of /openapi.json
-        from selenium.webdriver.support.ui import WebDriverWait
-
         operations = sum(len(item) for item in _openapi(server.http_port)["paths"].values())
         driver.get(f"http://127.0.0.1:{server.http_port}/docs")
         WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "details.op")) == operations)
