@@ -357,3 +357,26 @@ def test_http_port_is_shared_with_so_reuseport(server, service_repo):
 def test_unused_path_under_a_model_is_404_json(server):
     status, _, body = http_json(server, "GET", "/v2/models/tiny/versions/2/nothing")
     assert status == 404 and "openapi" in body["error"]
+
+
+@pytest.mark.slow
+def test_hot_reload_shows_over_http(service_repo, tmp_path, images):
+    """A version published while serving answers HTTP requests once the scan loads it, like gRPC."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(service_repo / "tiny" / "1", repo / "tiny" / "1")
+    with running_server(repo, http_port=0, poll_interval=0.2) as server:
+        status, _, body = http_json(server, "POST", "/predict", images[0])
+        assert status == 200 and body["version"] == 1
+        shutil.copytree(service_repo / "tiny" / "2", repo / "tiny" / ".2.tmp")
+        (repo / "tiny" / ".2.tmp").rename(repo / "tiny" / "2")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, _, body = http_json(server, "GET", "/v2/models/tiny")
+            if body.get("versions") == ["2"]:
+                break
+            time.sleep(0.1)
+        assert body["versions"] == ["2"], body
+        status, _, body = http_json(server, "POST", "/predict", images[0])
+        assert status == 200 and body["version"] == 2
