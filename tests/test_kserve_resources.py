@@ -98,8 +98,12 @@ def errors(validators: dict, doc: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docs() -> list[dict]:
-    kubectl()
-    return render(KSERVE)
+    """`kubectl kustomize k8s/kserve`; without kubectl, the files it lists as they are (the schema and
+    consistency checks still run; only the rendering test skips)."""
+    if shutil.which("kubectl"):
+        return render(KSERVE)
+    resources = yaml.safe_load((KSERVE / "kustomization.yaml").read_text())["resources"]
+    return [doc for name in resources for doc in yaml.safe_load_all((KSERVE / name).read_text()) if doc]
 
 
 def runtime_of(docs: list[dict]) -> dict:
@@ -127,6 +131,7 @@ def container_env(runtime: dict, service: dict) -> dict[str, str]:
 
 
 def test_renders_a_runtime_and_examples(docs):
+    kubectl()  # skips without it
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["ClusterServingRuntime", "InferenceService", "InferenceService"]
     (container,) = runtime_of(docs)["spec"]["containers"]
