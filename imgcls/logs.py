@@ -37,20 +37,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _OwnHandler(logging.StreamHandler):
+    """The handler `configure` installs, so a second call replaces it and nothing else."""
+
+
 def configure(level: str = "INFO", fmt: str = "text", worker: str | None = None) -> None:
-    """Set up the root logger (replacing what was there). `worker` = the serving worker's number (1-based)."""
+    """Set up the root logger, as logging.basicConfig does: nothing changes when logging is already set up by
+    someone else (an application embedding imgcls.cli.main, pytest's capture), else a handler on stderr in
+    the chosen format. `worker` = the serving worker's number (1-based)."""
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: choose {' or '.join(FORMATS)}")
-    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _OwnHandler)]
+    if len(ours) != len(root.handlers):
+        return
+    for old in ours:
+        root.removeHandler(old)
+    handler = _OwnHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter(worker))
     else:
         where = f" worker {worker}" if worker else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
 
