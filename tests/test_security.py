@@ -4,8 +4,6 @@ them expired), a client certificate, and a second CA that trusts none of them.""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import ssl
 import subprocess
@@ -19,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from service_fixtures import metric, running_server, sample_image, scrape
+from tls_certs import Issued, issue
 
 from imgcls.client.client import Client, ServiceError
 from imgcls.errors import ImgclsError
@@ -28,56 +27,6 @@ pytest_plugins = ["service_plugin"]
 
 TOKEN = "s3cret-token-0123456789abcdef"
 IMAGE = sample_image(7, fmt="PNG")
-
-
-# --- certificates ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Issued:
-    cert: Path
-    key: Path
-
-
-def _issue(folder: Path, name: str, *, issuer: tuple | None = None, ca: bool = False, server: bool = False,
-           expired: bool = False) -> tuple[Issued, tuple]:
-    """A certificate and its key as PEM files; returns (files, (certificate, key)) to sign others with."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = ((now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) if expired
-                  else (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_cert, issuer_key = issuer if issuer else (None, key)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer_cert.subject if issuer_cert else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(end)
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                                      key_encipherment=False, data_encipherment=False,
-                                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                                      encipher_only=False, decipher_only=False), critical=True)
-    else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                                  critical=False))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    files = Issued(folder / f"{name}.crt", folder / f"{name}.key")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    return files, (cert, key)
 
 
 @dataclass
@@ -94,13 +43,13 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
-    ca, ca_pair = _issue(folder, "ca", ca=True)
-    other, other_pair = _issue(folder, "other-ca", ca=True)
-    return Pki(ca=ca.cert, server=_issue(folder, "server", issuer=ca_pair, server=True)[0],
-               expired=_issue(folder, "expired", issuer=ca_pair, server=True, expired=True)[0],
-               client=_issue(folder, "client", issuer=ca_pair)[0], other_ca=other.cert,
-               other_server=_issue(folder, "other-server", issuer=other_pair, server=True)[0],
-               other_client=_issue(folder, "other-client", issuer=other_pair)[0])
+    ca, ca_pair = issue(folder, "ca", ca=True)
+    other, other_pair = issue(folder, "other-ca", ca=True)
+    return Pki(ca=ca.cert, server=issue(folder, "server", issuer=ca_pair, server=True)[0],
+               expired=issue(folder, "expired", issuer=ca_pair, server=True, expired=True)[0],
+               client=issue(folder, "client", issuer=ca_pair)[0], other_ca=other.cert,
+               other_server=issue(folder, "other-server", issuer=other_pair, server=True)[0],
+               other_client=issue(folder, "other-client", issuer=other_pair)[0])
 
 
 def _predict(server, **kwargs) -> str:
