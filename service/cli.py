@@ -234,7 +234,9 @@ def serve_command(args: argparse.Namespace) -> int:
     config, workers = serve_config(args)
     if workers == 1:
         return InferenceServer(config).serve_forever()
+    from imgcls.service.security import Security
     from imgcls.service.supervisor import Supervisor
 
+    Security.from_config(config)  # a bad certificate or token file: said once here, not by every worker
     level = "DEBUG" if logging.getLogger().isEnabledFor(logging.DEBUG) else "INFO"
     return Supervisor(config, workers, log_level=level).serve_forever()

@@ -103,7 +103,7 @@ class ServeConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
     token_file: str | None = None  # bearer tokens, one a line, re-read when it changes
-    tokens: list[str] = field(default_factory=list)  # bearer tokens given directly (IMGCLS_TOKENS)
+    tokens: list[str] = field(default_factory=list, repr=False)  # bearer tokens given directly (IMGCLS_TOKENS)
     auth_metrics: bool = False  # /metrics on the HTTP port needs a token too (the metrics port never does)
 
     def validate(self) -> None:

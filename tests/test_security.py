@@ -155,6 +155,21 @@ def test_flag_combinations(service_repo, pki):
         Client("127.0.0.1:1", token=TOKEN)
 
 
+def test_serve_flags_and_environment(monkeypatch, tmp_path):
+    from imgcls.cli import build_parser
+    from imgcls.service.cli import serve_config
+
+    monkeypatch.setenv("IMGCLS_TOKENS", "tok-alpha-1, tok-beta-2")
+    monkeypatch.setenv("IMGCLS_TLS_CERT", "/etc/tls/tls.crt")
+    args = build_parser().parse_args(["serve", "--model-repository", str(tmp_path), "--workers", "1",
+                                      "--tls-key", "/etc/tls/tls.key", "--token-file", "/etc/tokens",
+                                      "--auth-metrics", "true"])
+    config, _ = serve_config(args)
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == ("/etc/tls/tls.crt", "/etc/tls/tls.key", None)
+    assert config.tokens == ["tok-alpha-1", "tok-beta-2"] and config.token_file == "/etc/tokens" and config.auth_metrics
+    assert "tok-alpha-1" not in repr(config)  # tokens stay out of anything that prints the config
+
+
 # --- TLS and tokens on a running server -----------------------------------------------------------------------
 
 
@@ -196,12 +211,17 @@ def test_missing_and_wrong_token_refused_alike(tls_server, pki):
     with pytest.raises(ServiceError) as info:
         _predict(tls_server, tls_ca=pki.ca, token="wrong")
     assert info.value.message == REFUSAL  # the same words whatever was wrong
+    with Client(f"127.0.0.1:{tls_server.port}", timeout=10, retries=0, tls_ca=pki.ca, token="wrong") as client:
+        with pytest.raises(ServiceError) as info:  # a stream too, before any of its messages is read
+            list(client.predict_stream([[IMAGE]], model="tiny"))
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
     answers = [_https(tls_server, "/predict?model=tiny", pki.ca, token, data=IMAGE) for token in (None, "wrong")]
     assert answers[0] == answers[1]
     status, body = answers[0]
     assert status == 401 and json.loads(body) == {"error": REFUSAL, "code": "UNAUTHENTICATED"}
     after = scrape(tls_server)
-    for method, count in (("Predict", 4), ("http", 2)):  # counted as calls, before any model was resolved
+    # counted as calls, before any model was resolved
+    for method, count in (("Predict", 4), ("PredictStream", 1), ("http", 2)):
         sample = {"method": method, "code": "UNAUTHENTICATED"}
         assert metric(after, "imgcls_requests_total", **sample) - metric(before, "imgcls_requests_total",
                                                                           **sample) == count
