@@ -310,3 +310,75 @@ def test_mutual_tls(service_repo, pki):
         assert status == 401 and json.loads(body) == {"error": CERTIFICATE_REFUSAL, "code": "UNAUTHENTICATED"}
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):  # a certificate of another CA
             _https(server, "/v2/health/ready", pki.ca, cert=pki.other_client)
+
+
+# --- the Kubernetes component (k8s/components/tls) ------------------------------------------------------------
+
+
+def test_kubernetes_tls_component(tmp_path):
+    """prod + k8s/components/tls renders, validates, mounts what the variables name, and probes over HTTPS on
+    health paths the token rule exempts; the batch Job's flags parse."""
+    import os
+    import shlex
+    import shutil
+
+    import yaml
+
+    from imgcls.cli import build_parser
+    from imgcls.service.security import HEALTH
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (apt-get install kubectl)")
+    kv = pytest.importorskip("kubernetes_validate", reason="the deploy extra")
+    root = Path(__file__).resolve().parents[1] / "k8s"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "imgcls",
+        "resources": [os.path.relpath(root / "overlays" / "prod", tmp_path)],
+        "components": [os.path.relpath(root / "components" / "tls", tmp_path)]}))
+    done = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    for doc in docs:
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            continue
+        if doc["apiVersion"] != "monitoring.coreos.com/v1":  # (tests/test_k8s.py checks that one)
+            kv.validate(doc, kv.utils.latest_version(), strict=True)
+
+    (certificate,) = [d for d in docs if d["kind"] == "Certificate"]
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "imgcls"]
+    assert service["metadata"]["name"] in certificate["spec"]["dnsNames"]  # the batch Job's --target host
+    assert certificate["spec"]["usages"] == ["server auth"] and certificate["metadata"]["namespace"] == "imgcls"
+
+    def secret_mounts(pod: dict, container: dict) -> dict[str, str]:
+        secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: secrets[m["name"]]["secretName"] for m in container["volumeMounts"]
+                  if m["name"] in secrets}
+        assert not [m for m in container["volumeMounts"] if m["name"] in secrets and "subPath" in m]
+        return mounts
+
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    mounts = secret_mounts(pod, server)
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    files = {env["IMGCLS_TLS_CERT"]: "imgcls-tls", env["IMGCLS_TLS_KEY"]: "imgcls-tls",
+             env["IMGCLS_TOKEN_FILE"]: "imgcls-tokens"}
+    for path, secret in files.items():
+        assert mounts[str(Path(path).parent)] == secret, path
+    serve = build_parser().parse_args(["serve", "--tls-cert", "x", "--tls-key", "y", "--token-file", "z"])
+    assert serve.tls_cert == "x"  # the variables are the flags' (IMGCLS_ + the flag's name)
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = server[probe]["httpGet"]
+        assert get["scheme"] == "HTTPS" and get["port"] in ports and get["path"] in HEALTH, probe
+
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    (batch,) = pod["containers"]
+    args = build_parser().parse_args([*batch["command"][1:], *batch["args"]])
+    mounts = secret_mounts(pod, batch)
+    assert mounts[str(Path(args.tls_ca).parent)] == "imgcls-tls", shlex.join(batch["args"])
+    assert mounts[str(args.token_file.parent)] == "imgcls-tokens"
+    (tls_volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert [i["key"] for i in tls_volume["secret"]["items"]] == ["ca.crt"]  # not the server's key
