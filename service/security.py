@@ -90,8 +90,9 @@ class CertificateFiles:
         self._stamps: tuple | None = None
         self._failed: tuple | None = None  # stamps of a set that did not load (logged once)
         self._generation = 0
+        stamps = self._files_stamps()  # before reading: a change while reading is seen at the next look
         self._current = self._load()  # raises ImgclsError at start: a server must not start without its cert
-        self._stamps = self._files_stamps()
+        self._stamps = stamps
 
     @property
     def mutual(self) -> bool:
