@@ -97,6 +97,43 @@ def export(bundle: Path, repo: Path, name: str, test_dir: Path, reuse: bool) -> 
     return out
 
 
+def interleaved_speed(repo: Path, names: list[str], rounds: int, threads: int) -> dict:
+    """Serving speed of each backbone's ONNX and int8 TFLite, timed round-robin in one process.
+
+    The export's own benchmark runs minutes apart per backbone, under whatever load the shared machine had
+    then; here every backbone is timed in the same seconds, so the ratios between them hold.
+    """
+    import numpy as np
+
+    from imgcls.manifest import read_manifest
+    from imgcls.runtimes import open_runtime
+
+    runners, inputs = {}, {}
+    for name in names:
+        entry = sorted((repo / name).glob("*/manifest.json"))[-1].parent
+        m = read_manifest(entry)
+        h, w = m.preprocessing.input_size
+        rng = np.random.default_rng(0)
+        inputs[name] = {n: rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32) for n in (1, 32)}
+        for fmt, file in (("onnx", "model.onnx"), ("tflite-int8", "model_int8.tflite")):
+            runners[(name, fmt)] = open_runtime(fmt, entry / file, threads)
+    times: dict[tuple[str, str, int], list[float]] = {}
+    for key, r in runners.items():  # warm-up
+        for n in (1, 32):
+            r.run(inputs[key[0]][n])
+    for _ in range(rounds):
+        for (name, fmt), r in runners.items():
+            for n, reps in ((1, 10), (32, 1)):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    r.run(inputs[name][n])
+                times.setdefault((name, fmt, n), []).append((time.perf_counter() - t0) / reps)
+    out: dict = {}
+    for (name, fmt, n), ts in times.items():
+        out.setdefault(name, {}).setdefault(fmt, {})[f"batch{n}_img_s"] = round(n / float(np.median(ts)), 1)
+    return out
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -129,11 +166,24 @@ def main() -> int:
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the export and serving figures")
     p.add_argument("--reuse", action="store_true", help="keep bundles/entries already in --work")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only time the ONNX and int8 TFLite models already in WORK/repo, round-robin")
+    p.add_argument("--rounds", type=int, default=15, help="round-robin rounds of --speed-only")
+    p.add_argument("--threads", type=int, default=2, help="runtime threads of --speed-only")
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
     from imgcls.backbones import get_backbone
 
+    if args.speed_only:
+        speed = interleaved_speed(args.work / "repo", args.backbones, args.rounds, args.threads)
+        print("| backbone | ONNX fp32 img/s (b1 / b32) | int8 TFLite img/s (b1 / b32) |\n|---|---:|---:|")
+        for name, f in speed.items():
+            print(f"| {name} | {f['onnx']['batch1_img_s']} / {f['onnx']['batch32_img_s']} | "
+                  f"{f['tflite-int8']['batch1_img_s']} / {f['tflite-int8']['batch32_img_s']} |")
+        if args.json:
+            args.json.write_text(json.dumps(speed, indent=2) + "\n")
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.backbones:
