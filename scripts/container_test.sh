@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container test (make container-test): build the imgcls serving image from the real Dockerfile with buildah,
 # run `imgcls serve` inside it on loopback with an exported model, Predict from outside, check gRPC health,
-# the image's HEALTHCHECK and /metrics, stop it with SIGTERM (drain, exit 0), clean up. Prints each step's time.
+# the image's HEALTHCHECK and /metrics, stop it with SIGTERM (drain, exit 0), then again with TLS and a bearer
+# token (gRPC and HTTPS; wrong token and plaintext refused), clean up. Prints each step's time.
 #
 # No Docker engine and no container registry is needed: when no registry base is reachable (these machines),
 # a Debian bookworm base with Python 3.11 is debootstrapped once, imported with podman, and cached
@@ -310,6 +311,75 @@ written=$(find "$mnt" -xdev -uid 10001 -printf '/%P\n' | head -n 20)
 buildah umount "$CTR" >/dev/null
 [ -z "$(grep -v '^/tmp/' <<<"$written")" ] || die "the server wrote outside /tmp: $written"
 step_end "drained, exit 0; files written: ${written:-none}"
+
+# ---------------------------------------------------------------------------------------------------
+# TLS and a bearer token (docs/security.md): certificates made on the host, mounted like a Kubernetes Secret,
+# the settings through the image's IMGCLS_* variables; the host's `imgcls predict` is the client.
+step_start "TLS + bearer token"
+TLS="$WORK/tls"
+"$PY" "$ROOT/tests/tls_certs.py" "$TLS" || die "making test certificates (cryptography, the dev extra)"
+"$PY" -c "import secrets; print(secrets.token_hex(20))" > "$TLS/tokens"
+chown -R 10001:10001 "$TLS"; chmod 0600 "$TLS"/*.key "$TLS/tokens"  # the server's user only, as a Secret
+read -r TPORT THTTP < <("$PY" -c "
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks: s.bind(('127.0.0.1', 0))
+print(*[s.getsockname()[1] for s in socks])")
+buildah run --isolation chroot -v "$REPO:/models:ro" -v "$TLS:/etc/imgcls/tls:ro" \
+  --env IMGCLS_HOST=127.0.0.1 --env "IMGCLS_PORT=$TPORT" --env IMGCLS_METRICS_PORT=0 --env "IMGCLS_HTTP_PORT=$THTTP" \
+  --env IMGCLS_GRACE_PERIOD=10 --env IMGCLS_TLS_CERT=/etc/imgcls/tls/server.crt \
+  --env IMGCLS_TLS_KEY=/etc/imgcls/tls/server.key --env IMGCLS_TOKEN_FILE=/etc/imgcls/tls/tokens \
+  "$CTR" -- "${cmd[@]}" > "$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+"$PY" - "$THTTP" "$SERVER_PID" "$TLS" <<'EOF' || die "TLS server did not become ready"
+import json, os, ssl, sys, time, urllib.error, urllib.request
+port, pid, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context(cafile=f"{tls}/ca.crt")
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline:  # health over HTTPS, without a token (what a Kubernetes probe does)
+    if not os.path.exists(f"/proc/{pid}"):
+        sys.exit("server exited")
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/health/ready", context=context, timeout=2) as r:
+            if json.loads(r.read()).get("ready"):
+                sys.exit(0)
+    except (OSError, urllib.error.URLError):
+        pass
+    time.sleep(0.3)
+sys.exit("not ready after 180 s")
+EOF
+IMGCLS_TOKEN=$(cat "$TLS/tokens") "$IMGCLS" predict --target "127.0.0.1:$TPORT" --tls-ca "$TLS/ca.crt" --json \
+  "$WORK/red.jpg" > "$WORK/tls.jsonl" || die "predict over TLS with the token"
+"$PY" -c "import json, sys; r = json.loads(open(sys.argv[1]).readline()); assert r['model'] == 'tiny', r" \
+  "$WORK/tls.jsonl" || die "predict over TLS: output"
+rc=0; IMGCLS_TOKEN=wrong "$IMGCLS" predict --target "127.0.0.1:$TPORT" --tls-ca "$TLS/ca.crt" "$WORK/red.jpg" \
+  > /dev/null 2> "$WORK/refused.txt" || rc=$?
+{ [ "$rc" = 2 ] && grep -q UNAUTHENTICATED "$WORK/refused.txt"; } || die "a wrong token: exit $rc (expected 2)"
+rc=0; env -u IMGCLS_TOKEN "$IMGCLS" predict --target "127.0.0.1:$TPORT" --timeout 3 "$WORK/red.jpg" \
+  > /dev/null 2>&1 || rc=$?
+[ "$rc" = 3 ] || die "a plaintext client: exit $rc (expected 3, no TLS handshake)"
+"$PY" - "$THTTP" "$TLS" "$WORK/red.jpg" <<'EOF' || die "HTTPS with and without the token"
+import ssl, sys, urllib.error, urllib.request
+port, tls, image = sys.argv[1:4]
+context = ssl.create_default_context(cafile=f"{tls}/ca.crt")
+token = open(f"{tls}/tokens").read().strip()
+def status(headers):
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/predict", data=open(image, "rb").read(),
+                                     headers=headers)
+    try:
+        return urllib.request.urlopen(request, context=context, timeout=30).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+assert status({"Authorization": f"Bearer {token}"}) == 200
+assert status({}) == 401 and status({"Authorization": "Bearer wrong"}) == 401
+EOF
+kill_server_tree TERM
+rc=0; timeout 60 tail --pid="$SERVER_PID" -f /dev/null || true
+wait "$SERVER_PID" || rc=$?
+SERVER_PID=""
+[ "$rc" = 0 ] || die "TLS server exited $rc after SIGTERM (expected 0)"
+grep -q "requests ports: TLS, bearer tokens" "$WORK/server.log" || die "the server did not say TLS + tokens"
+step_end "gRPC and HTTPS with the token; wrong token UNAUTHENTICATED/401, plaintext refused"
 
 buildah rm "$CTR" >/dev/null; CTR=""
 total=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
