@@ -260,6 +260,36 @@ def test_cli_predict_with_tls_and_token(tls_server, pki, tmp_path):
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr + refused.stdout
 
 
+def test_batch_and_async_client_with_tls_and_token(tls_server, pki, tmp_path):
+    import asyncio
+
+    from imgcls.client.aio import AsyncClient
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.png").write_bytes(sample_image(20 + i, fmt="PNG"))
+    token_file = tmp_path / "token"
+    token_file.write_text(f"# the batch job's token\n{TOKEN}\n")
+    output = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "imgcls.cli", "batch", "--target", f"127.0.0.1:{tls_server.port}",
+                           "--tls-ca", str(pki.ca), "--token-file", str(token_file), "--model", "tiny",
+                           "--input", str(folder), "--output", str(output), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert len([json.loads(line)["labels"] for line in output.read_text().splitlines()]) == 3
+
+    async def classify(token: str) -> str:
+        async with AsyncClient(f"127.0.0.1:{tls_server.port}", timeout=10, retries=0, tls_ca=pki.ca,
+                               token=token) as client:
+            return (await client.predict([IMAGE], model="tiny")).results[0].labels[0].name
+
+    assert asyncio.run(classify(TOKEN)) in ("cat", "dog", "bird")
+    with pytest.raises(ServiceError) as info:
+        asyncio.run(classify("wrong"))
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
 def _env() -> dict[str, str]:
     import os
 
