@@ -188,6 +188,9 @@ def test_tls_and_token_accepted(tls_server, pki):
     with Client(f"127.0.0.1:{tls_server.port}", timeout=10, retries=0, tls_ca=pki.ca,
                 tls_server_name="localhost") as client:
         assert client.health() == "SERVING"  # health needs no token
+    with Client(f"127.0.0.1:{tls_server.port}", timeout=10, retries=0, tls_ca=pki.ca, token=TOKEN) as client:
+        streamed = list(client.predict_stream([[IMAGE], [IMAGE, IMAGE]], model="tiny"))
+        assert sorted(len(p.results) for p in streamed) == [1, 2]
     status, body = _https(tls_server, "/predict?model=tiny", pki.ca, TOKEN, data=IMAGE)
     assert status == 200, body
     assert json.loads(body)["results"][0]["labels"][0]["name"] in ("cat", "dog", "bird")
