@@ -432,6 +432,21 @@ def quick_start() -> dict[str, list[str]]:
     raise AssertionError("README.md has no quick-start block with train, export, serve, predict and batch")
 
 
+def metrics_curl_examples() -> list[tuple[str, str]]:
+    """Documented curl commands against the metrics port (localhost:8000), as written: (where, command line).
+    docs/http.md's curl examples have their own test (tests/test_http_docs.py)."""
+    found = []
+    for page in PAGES:
+        for block in fenced_blocks(page):
+            if block.lang not in SHELL_LANGS:
+                continue
+            for offset, line in enumerate(block.lines):
+                one_line = not line.rstrip().endswith("\\")
+                if re.match(r"\s*(\$\s+)?curl\s", line) and "localhost:8000" in line and one_line:
+                    found.append((f"{_rel(page)}:{block.line + 1 + offset}", re.sub(r"^\s*\$\s+", "", line)))
+    return found
+
+
 @pytest.mark.slow
 def test_readme_quick_start_serves_predicts_and_batches(service_repo: Path, tmp_path: Path) -> None:
     """The README's serve, predict and batch lines run verbatim (ports come from the environment, as every
@@ -467,7 +482,7 @@ def test_readme_quick_start_serves_predicts_and_batches(service_repo: Path, tmp_
         log = []
         for line in server.stderr:  # ends when the server exits: the assertion below then shows why
             log.append(line)
-            port = re.search(r"gRPC on [\d.]+:(\d+)", line)
+            port = re.search(r"gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)", line)
             if port:
                 break
         assert port, f"imgcls serve did not start:\n{''.join(log)}"
@@ -485,6 +500,14 @@ def test_readme_quick_start_serves_predicts_and_batches(service_repo: Path, tmp_
         output = tmp_path / batch[batch.index("--output") + 1]
         rows = [json.loads(line) for line in output.read_text().splitlines()]
         assert len(rows) == 5 and all(row["model"] == name and row["labels"] for row in rows), rows
+
+        examples = metrics_curl_examples() if shutil.which("curl") else []  # docs/deployment.md's rollout check
+        assert examples or not shutil.which("curl"), "no documented curl of the metrics port found"
+        for where, command in examples:
+            script = command.replace("localhost:8000", f"127.0.0.1:{port[2]}")
+            ran = subprocess.run(["bash", "-o", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=60)
+            assert ran.returncode == 0 and ran.stdout.strip(), f"{where}: {command}\n{ran.stdout}{ran.stderr}"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
