@@ -45,6 +45,44 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class _TokenInterceptor:
+    """Adds `authorization: Bearer <token>` to every call of a grpc.aio channel (see Security.header)."""
+
+    def __init__(self, header: tuple[str, str]) -> None:
+        self.header = header
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    async def _call(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _UnaryUnary(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await self._call(continuation, client_call_details, request)
+
+
+class _UnaryStream(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await self._call(continuation, client_call_details, request)
+
+
+class _StreamUnary(_TokenInterceptor, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+class _StreamStream(_TokenInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await self._call(continuation, client_call_details, request_iterator)
+
+
+_TOKEN_INTERCEPTORS = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+
+
 class AsyncClient:
     """One `grpc.aio` channel; use as an async context manager or `await close()`. Create it inside the event
     loop that uses it (a grpc.aio channel belongs to one loop)."""
@@ -83,7 +121,10 @@ class AsyncClient:
         security = Security(tls, tls_ca, tls_cert, tls_key, token, tls_server_name)
         credentials = security.credentials()
         if channel is None and credentials is not None:
-            channel = grpc.aio.secure_channel(target, credentials, options=options + security.options())
+            header = security.header
+            interceptors = [cls(header) for cls in _TOKEN_INTERCEPTORS] if header else None
+            channel = grpc.aio.secure_channel(target, credentials, options=options + security.options(),
+                                              interceptors=interceptors)
         self.channel = channel or grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
