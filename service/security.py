@@ -10,10 +10,12 @@
   HTTP header; several tokens are valid at once so that a new one can be handed out before the old one is
   removed; the file is re-read when it changes (at most once a second).
 
-Both protocols go through ONE rule, `Auth.allows(operation, authorization)`: the operation is the gRPC
-method path or the HTTP path; health (gRPC `grpc.health.v1.Health`, KServe `ServerLive`/`ServerReady`, HTTP
-`/v2/health/live|ready`) never needs a token (probes and load balancers carry none), nor does `/metrics` on the
-HTTP port unless `--auth-metrics` (the metrics port serves the same figures without a token anyway). A refusal
+Both protocols go through ONE rule, `Auth.refusal(operation, authorization)`: the operation is the gRPC
+method path or the HTTP path (with mTLS on HTTP, where a handshake without a client certificate is let
+through so that probes reach health, the rule also refuses such a caller everything else); health (gRPC
+`grpc.health.v1.Health`, KServe `ServerLive`/`ServerReady`, HTTP `/v2/health/live|ready`) never needs a token
+(probes and load balancers carry none), nor does `/metrics` on the HTTP port unless `--auth-metrics` (the
+metrics port serves the same figures without a token anyway). A refusal
 says the same thing whether a token was missing, malformed or wrong: nothing tells a caller how close it got.
 Refusals are recorded like any other call (`imgcls_requests_total{code="UNAUTHENTICATED"}`, the access log,
 a trace), under the method's own label on gRPC and under `http` on HTTP; the request body is never read.
