@@ -23,6 +23,7 @@ a trace), under the method's own label on gRPC and under `http` on HTTP; the req
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -232,7 +233,7 @@ class Tokens:
 
     def __init__(self, tokens: Iterable[str] = (), file: Path | None = None,
                  check_interval: float = TOKEN_CHECK_INTERVAL) -> None:
-        self.fixed = [t.encode() for t in tokens]
+        self.fixed = [_digest(t.encode()) for t in tokens]
         self.file = Path(file) if file else None
         self.check_interval = check_interval
         self._lock = threading.Lock()
@@ -252,7 +253,7 @@ class Tokens:
             text = self.file.read_text("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ImgclsError(f"--token-file {self.file}: cannot read it ({exc})") from None
-        return [t.encode() for t in parse_tokens(text, f"--token-file {self.file}")]
+        return [_digest(t.encode()) for t in parse_tokens(text, f"--token-file {self.file}")]
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -277,12 +278,18 @@ class Tokens:
             log.info("--token-file %s re-read: %d token(s)", self.file, len(tokens))
 
     def valid(self, token: bytes) -> bool:
-        """Constant time in the token's content: every known token is compared, whichever matches."""
+        """Constant time in the token's content and length: SHA-256 digests (all as long) are compared, every
+        known one, whichever matches."""
         self._refresh()
+        given = _digest(token)
         found = False
         for known in (*self.fixed, *self._from_file):
-            found |= hmac.compare_digest(known, token)
+            found |= hmac.compare_digest(known, given)
         return found
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 def bearer(authorization: str | None) -> bytes | None:
