@@ -521,7 +521,7 @@ class ServerProcess:
         self.port, self.metrics_port = _free_port(), _free_port()
         self.command = [sys.executable, "-m", "imgcls.cli", "serve", "--model-repository", str(repository),
                         "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                        "--poll-interval", "0", *serve_args]
+                        "--http-port", "0", "--poll-interval", "0", *serve_args]
         self.log_path = log_dir / "serve.log"
         self.log = self.log_path.open("w")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

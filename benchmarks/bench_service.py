@@ -98,7 +98,7 @@ class Server:
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         cmd = [sys.executable, "-m", "imgcls.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", *args]
+               "--metrics-port", "0", "--http-port", "0", *args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self.ports: queue.Queue = queue.Queue()

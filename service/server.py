@@ -308,7 +308,7 @@ class InferenceServer:
             from imgcls.service.http import HttpServer
 
             self.http = HttpServer(self.core, cfg, self.security)
-            self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port))
+            self.http_port = self._on_loop(self.http.start(cfg.host, cfg.http_port, shared=self.link is not None))
             log.info("HTTP on %s:%d (KServe v2 and TF Serving REST, /predict, web page)", cfg.host, self.http_port)
         if self.link is None:  # with --workers, the supervisor serves every process's metrics
             try:

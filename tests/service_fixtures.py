@@ -215,7 +215,12 @@ def running_server(repo: Path, runtime_hook=None, wait: bool = True, **overrides
     settings = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "inference_threads": 1, "decode_workers": 2,
                 "grace_period": 5.0, **overrides}
     config = ServeConfig(model_repository=repo, **settings)
-    server = InferenceServer(config, runtime_hook=runtime_hook).start()
+    server = InferenceServer(config, runtime_hook=runtime_hook)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()  # what started before the failure (loop, decode pool, gRPC port)
+        raise
     try:
         if wait:
             assert server.wait_until_ready(30), "server did not become ready"

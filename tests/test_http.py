@@ -348,10 +348,14 @@ def test_page_and_docs_need_nothing_from_elsewhere():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{name} loads something from elsewhere"
 
 
-def test_http_port_is_shared_with_so_reuseport(server, service_repo):
-    """Another server (a second --workers process) can bind the same HTTP port."""
-    with running_server(service_repo, http_port=server.http_port, wait=False) as other:
-        assert other.http_port == server.http_port
+def test_a_second_server_on_the_http_port_fails_instead_of_sharing_it(server, service_repo):
+    """SO_REUSEPORT is for --workers only (tests/test_service_workers.py shares the port between workers): an
+    unrelated second server must not silently take half of the first one's connections."""
+    from imgcls.errors import ImgclsError
+
+    with pytest.raises(ImgclsError, match=f"cannot serve HTTP on 127.0.0.1:{server.http_port}"), \
+            running_server(service_repo, http_port=server.http_port, wait=False):
+        pass
 
 
 def test_unused_path_under_a_model_is_404_json(server):

@@ -69,8 +69,8 @@ class ServeProcess:
 @pytest.fixture
 def serve_env(service_repo):
     return {"IMGCLS_MODEL_REPOSITORY": str(service_repo), "IMGCLS_HOST": "127.0.0.1", "IMGCLS_PORT": "0",
-            "IMGCLS_METRICS_PORT": "0", "IMGCLS_GRACE_PERIOD": "20", "IMGCLS_INFERENCE_THREADS": "1",
-            "IMGCLS_RUNTIME": "tiny=tflite", "TF_CPP_MIN_LOG_LEVEL": "3"}
+            "IMGCLS_METRICS_PORT": "0", "IMGCLS_HTTP_PORT": "0", "IMGCLS_GRACE_PERIOD": "20",
+            "IMGCLS_INFERENCE_THREADS": "1", "IMGCLS_RUNTIME": "tiny=tflite", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 @pytest.mark.slow

@@ -129,15 +129,17 @@ class HttpServer:
             module.add_routes(self.app.router, self)
         self._runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind (SO_REUSEPORT: `--workers` processes share the port) and serve; returns the port bound."""
+    async def start(self, host: str, port: int, *, shared: bool = False) -> int:
+        """Bind and serve; returns the port bound. `shared` (`--workers`): SO_REUSEPORT, so the workers share
+        the port; never otherwise, so a second server on a port in use fails instead of silently sharing it."""
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
