@@ -3,8 +3,10 @@
 README.md is the page a newcomer reads in five minutes, so its size is bounded; everything else lives in
 docs/. Links rot silently and documented flags drift from the parsers, so: every relative link in README.md
 and docs/*.md must resolve (the file, and for `#anchor` a heading of that page), every `imgcls ...` command in
-a fenced example must parse with the real argparse parser (`imgcls.cli.build_parser`), the cheap ones
-(`--help`, `imgcls backbones`) are run for real, and Python examples must compile and import what exists.
+a fenced example (and in every `--help` epilog) must parse with the real argparse parser
+(`imgcls.cli.build_parser`), the cheap ones (`--help`, `imgcls backbones`) run for real, the README's quick
+start serve/predict/batch lines run against a real server, the reference flag tables name only real flags and
+every flag is explained on some topic page, and Python examples must compile and import what exists.
 """
 
 from __future__ import annotations
