@@ -2,7 +2,7 @@
 
     import imgcls
 
-    bundle = imgcls.train(data="photos/", out="runs/mine", backbone="mobilenet_v2")
+    bundle = imgcls.train(data="photos/", out="runs/mine", backbone="efficientnet_lite0")
     print(bundle.path, bundle.test_accuracy)
     clf = bundle.load()                     # an imgcls.Classifier on the bundle's SavedModel
 
@@ -71,7 +71,7 @@ def check_data_folder(data: str | os.PathLike[str] | None) -> None:
 
 
 def train(data: str | os.PathLike[str] | None = None, out: str | os.PathLike[str] = "runs/bundle", *,
-          backbone: str = "mobilenet_v2", progress: bool = True, **options: Any) -> Bundle:
+          backbone: str = "efficientnet_lite0", progress: bool = True, **options: Any) -> Bundle:
     """Train a classifier on a folder of labelled photos and write a bundle to `out`; returns it.
 
     `data`: one subfolder per class, or train/ val/ test/ subfolders (None: the flower photos from the Keras

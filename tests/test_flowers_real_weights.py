@@ -30,7 +30,8 @@ def test_mobilenet_v2_imagenet_on_flower_subset(tmp_path: Path, capsys):
                 shutil.copy(f, data / split / cls.name / f.name)
             start += n
     out = tmp_path / "bundle"
-    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "15", "--json"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(out), "--backbone", "mobilenet_v2", "--epochs", "15",
+                 "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 5 classes: chance is 20%. A linear head on ImageNet features gets far more from 16 photos a class.
     assert summary["test_accuracy"] >= 0.7, summary

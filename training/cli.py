@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder with one subfolder per class, or with train/ val/ test/ subfolders "
                         "(default: flower_photos from the Keras cache)")
     t.add_argument("--out", type=Path, default=Path("runs/bundle"), metavar="DIR", help="bundle folder to write")
-    t.add_argument("--backbone", default="mobilenet_v2", metavar="NAME", help="backbone name (see `imgcls backbones`)")
+    t.add_argument("--backbone", default="efficientnet_lite0", metavar="NAME",
+                   help="backbone name (see `imgcls backbones`, docs/backbones.md)")
     t.add_argument("--weights", default="imagenet", metavar="WEIGHTS", help="imagenet, none, or a weights file PATH")
     t.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
                    help="square input side (default: the backbone's)")
