@@ -226,6 +226,7 @@ def test_backbones_lists_where_weights_come_from(monkeypatch, tmp_path: Path, ca
 
 # --- the training stage: cut points and the missing-package error ---------------------------------------------
 
+@pytest.mark.slow
 def test_fine_tuning_cuts_are_named_layers_and_replay_the_network():
     from imgcls.training import model as model_mod
 
