@@ -117,7 +117,7 @@ def test_large_jpeg_draft_still_resizes_to_spec():
     assert load_uint8(data, spec).shape == (224, 224, 3)
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", sorted(n for n, b in BACKBONES.items() if b.family == "keras"))
 def test_spec_matches_keras_preprocess_input(name):
     """Our normalization equals the Keras `preprocess_input` of each backbone's own module."""
     import importlib
@@ -129,6 +129,16 @@ def test_spec_matches_keras_preprocess_input(name):
     expected = np.asarray(module.preprocess_input(x.copy()))
     ours = normalize(x.astype(np.uint8), backbone.preprocessing())
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in BACKBONES.items() if b.family == "lite"))
+def test_lite_spec_is_the_reference_normalization(name):
+    """EfficientNet-Lite has no Keras module: its checkpoints were trained on (x - 127) / 128, RGB (the
+    reference efficientnet_lite_builder.py's MEAN_RGB and STDDEV_RGB)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    ours = normalize(x, BACKBONES[name].preprocessing())
+    np.testing.assert_allclose(ours, (x.astype(np.float32) - 127.0) / 128.0, rtol=1e-6, atol=1e-6)
 
 
 def test_spec_validation():
