@@ -323,10 +323,10 @@ class Core:
             except Exception as exc:  # a broken exporter must not fail calls
                 log.warning("tracing failed: %s", exc)
         if self.access_log is not None:
-            self.access_log.write({"method": call.method, "model": name, "version": version, "images": images,
-                                   "code": call.code.name, "ms": round(seconds * 1000, 2),
-                                   "batch": max(batches) if batches else None, "peer": call.peer,
-                                   "trace_id": trace_id})
+            self.access_log.write(lambda: {
+                "method": call.method, "model": name, "version": version, "images": images, "code": call.code.name,
+                "ms": round(seconds * 1000, 2), "batch": max(batches) if batches else None, "peer": call.peer,
+                "trace_id": trace_id}, ok=call.code == grpc.StatusCode.OK)
 
     @contextmanager
     def pin(self) -> Iterator[None]:

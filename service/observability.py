@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ class AccessLog:
     that failed are always logged; successful ones up to `rate` lines per second (a token bucket), and the
     next line written says how many were left out meanwhile. rate 0 = successful calls are not logged."""
 
-    rate: float = 100.0
+    rate: float = 10.0
     _tokens: float = field(init=False)
     _last: float = field(init=False, default_factory=time.monotonic)
     _suppressed: int = field(init=False, default=0)
@@ -57,10 +57,16 @@ class AccessLog:
             suppressed, self._suppressed = self._suppressed, 0
             return suppressed
 
-    def write(self, fields: dict[str, Any]) -> None:
-        suppressed = self._admit(fields["code"] == "OK")
+    def write(self, fields: dict[str, Any] | Callable[[], dict[str, Any]], ok: bool | None = None) -> None:
+        """Log one call's line; `fields` may be a function, called only when the line is written (a line left
+        out costs a lock and a counter, nothing more). `ok` defaults to fields["code"] == "OK"."""
+        if ok is None:
+            assert isinstance(fields, dict)
+            ok = fields["code"] == "OK"
+        suppressed = self._admit(ok)
         if suppressed is None:
             return
+        fields = fields() if callable(fields) else fields
         if suppressed:
             fields["suppressed"] = suppressed
         text = " ".join(f"{k}={v}" for k, v in fields.items() if v not in ("", None))

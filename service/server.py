@@ -95,7 +95,7 @@ class ServeConfig:
     # Then calls still open on it get this long before it is closed; None = as long as they take (streams too).
     max_connection_age_grace: float | None = None
     access_log: bool = True  # a line per call (logger imgcls.access); failed calls always, OK ones rate-limited
-    access_log_rate: float = 100.0  # most lines per second for successful calls; the rest are counted, not logged
+    access_log_rate: float = 10.0  # most lines per second for successful calls; the rest are counted, not logged
     keepalive_time: float = 60.0  # server pings an idle connection this often to find dead peers; 0 = never
     verify_checksums: bool = True
     # TLS on the gRPC and HTTP ports (docs/security.md); PEM files, re-read when they change.
