@@ -2,7 +2,7 @@
 # imgcls images. Targets (docs/deployment.md):
 #   serve (default)  `imgcls serve`: ONNX Runtime + LiteRT, no TensorFlow; model repository mounted at /models
 #   bundled          serve + a model repository copied in:  --build-arg MODEL_REPOSITORY=models (a folder in the context)
-#   trainer          `imgcls` with the train,export extras (TensorFlow, tf2onnx): train/export Jobs
+#   trainer          `imgcls` with the train,export,lite extras (TensorFlow, tf2onnx, Lite weights): train/export Jobs
 # Build args:
 #   BASE_IMAGE       a Python 3.11 image with `python3 -m venv` (default the official slim image)
 #   PIP_INDEX, PIP_EXTRA_INDEX   optional package index URLs (no credentials: they stay in the image history)
@@ -51,7 +51,7 @@ RUN --mount=type=secret,id=pip_ca \
     && /opt/venv/bin/imgcls --version
 
 
-# ---- dependencies of the trainer image: the train,export extras (TensorFlow) ----
+# ---- dependencies of the trainer image: the train,export,lite extras (TensorFlow, Lite weights) ----
 FROM base AS build-train
 ARG PIP_INDEX=""
 ARG PIP_EXTRA_INDEX=""
@@ -62,7 +62,7 @@ RUN --mount=type=secret,id=pip_ca \
     set -eu; \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     python3 -m venv /opt/venv; \
-    python3 scripts/pyproject_requirements.py train export > /tmp/requirements.txt; \
+    python3 scripts/pyproject_requirements.py train export lite > /tmp/requirements.txt; \
     /opt/venv/bin/pip install ${PIP_INDEX:+--index-url "$PIP_INDEX"} \
         ${PIP_EXTRA_INDEX:+--extra-index-url "$PIP_EXTRA_INDEX"} -r /tmp/requirements.txt
 COPY README.md ./
