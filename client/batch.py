@@ -79,7 +79,7 @@ EXIT_OK, EXIT_FAILED_FILES, EXIT_SERVER_GONE, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 @dataclass
 class BatchConfig:
-    """Everything `imgcls batch` can be told (see the README, Batch jobs)."""
+    """Everything `imgcls batch` can be told (docs/batch-jobs.md)."""
 
     target: str
     input: str

@@ -2,7 +2,7 @@
 
 Run from anywhere: `python proto/generate.py` (needs grpcio-tools, in the `dev` extra). The generated
 files are committed so serving needs no protoc; `tests/test_service_proto.py` checks they are current.
-Other languages generate their own stubs from the same `.proto` files (see the README, Serving over gRPC).
+Other languages generate their own stubs from the same `.proto` files (docs/protocols.md).
 
 `proto/compat/` holds wire-compatible copies of the published KServe v2 / Triton and TF Serving definitions
 (same file names, packages, message names and field numbers). They are compiled into one descriptor set,

@@ -57,7 +57,7 @@ __all__ = ["PROTOCOLS", "SERVICE_NAME", "InferenceServer", "LoadedModel", "Reloa
 
 @dataclass
 class ServeConfig:
-    """Everything `imgcls serve` can be told; the README (Serving over gRPC) lists flags and environment
+    """Everything `imgcls serve` can be told; docs/serving.md lists flags and environment
     variables."""
 
     model_repository: Path

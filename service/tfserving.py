@@ -6,7 +6,7 @@ the server itself needs no TensorFlow: the messages come from the wire-compatibl
 `proto/compat/` (service/protocols.py). Requests go through the same decode pool, preprocessing and dynamic
 batcher as the native `imgcls.v1.Inference/Predict`, so the answers are the same probabilities.
 
-Signatures (what GetModelMetadata advertises; the README, "TF Serving API", has examples):
+Signatures (what GetModelMetadata advertises; docs/protocols.md has examples):
 - `serving_default` (Predict): input "images", DT_STRING [N] (or [N, 1]) encoded image files;
 - `preprocessed` (Predict): input "input", DT_FLOAT [N, H, W, 3] already preprocessed as the manifest says;
   Predict takes exactly one input under any key, of either dtype, with either signature name;
