@@ -92,7 +92,7 @@ class Server:
 
     def __init__(self, repository: Path) -> None:
         args = ["serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "0", "--grace-period", "30"]
+                "--metrics-port", "0", "--http-port", "0", "--grace-period", "30"]
         say("$ imgcls " + " ".join(args) + " &")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", *args], env=env, text=True,

@@ -72,6 +72,8 @@ class Server:
             str(MAX_IMAGE_BYTES),
             "--max-image-pixels",
             str(MAX_IMAGE_PIXELS),
+            "--http-port",
+            "0",
             *(extra or []),
         ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
