@@ -10,6 +10,11 @@ across batches.
 Batching policy: the first queued image waits at most `max_queue_delay` for the batch to fill, and only
 while images already admitted are still being decoded; with nothing on the way the batch runs at once,
 so a lone client pays no batching delay. Under load, images queue up while the previous batch runs.
+
+Instances (Triton's `instance_group` count): with several `run` callables, one thread per callable takes
+batches from the one queue, so a batch starts as soon as any instance is free. On a small CPU, two
+single-threaded instances keep both cores busy where one two-threaded runtime waits at every operator for
+whichever of its threads a decode worker preempted (docs/scaling.md has the measurement).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +114,7 @@ BatchObserver = Callable[[int, list[float], float, int], None]
 class Batcher:
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[np.ndarray], np.ndarray] | Sequence[Callable[[np.ndarray], np.ndarray]],
         *,
         max_batch_size: int,
         max_queue_delay: float,
@@ -118,10 +123,16 @@ class Batcher:
         on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
+        solo: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay >= 0")
-        self._run = run
+        runs = list(run) if isinstance(run, Sequence) else [run]
+        if not runs:
+            raise ValueError("a batcher needs at least one run callable")
+        self.instances = len(runs)
+        self._solo = solo  # every thread's runtime: for a batch that runs while the other instances are idle
+        self._busy = 0  # instances computing a batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
@@ -131,15 +142,19 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
-        self._running = 0  # images in the batch being computed
-        self.per_image = 0.0  # seconds of model time per image, moving average of recent batches
+        self._running = 0  # images in the batches being computed
+        self.per_image = 0.0  # seconds of model time per image (one instance), moving average of recent batches
+        self._estimate = threading.Lock()
         self.nice = 0  # the batcher thread (and the runtime's threads it wakes) run this much nicer
         self._stopping = False
         self._closing = False  # close(): refuse new requests, finish the admitted ones
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i, r), daemon=True,
+                                          name=f"batcher-{name}" + (f"-{i}" if len(runs) > 1 else ""))
+                         for i, r in enumerate(runs)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -148,14 +163,15 @@ class Batcher:
     def observe(self, size: int, seconds: float) -> None:
         """Fold one batch's time into the per-image cost (the warm-up seeds it)."""
         sample = seconds / max(1, size)
-        if self.per_image:  # one stalled batch (a pause, a test's gate) moves the estimate 4x at most
-            sample = min(sample, 4 * self.per_image)
-        self.per_image = sample if self.per_image == 0 else 0.8 * self.per_image + 0.2 * sample
+        with self._estimate:
+            if self.per_image:  # one stalled batch (a pause, a test's gate) moves the estimate 4x at most
+                sample = min(sample, 4 * self.per_image)
+            self.per_image = sample if self.per_image == 0 else 0.8 * self.per_image + 0.2 * sample
 
     def expected_wait(self) -> float:
-        """Seconds until the images admitted so far (queued, decoding, and the batch running) are computed:
-        what a new request would wait before its own batch starts."""
-        return (self._pending + self._running) * self.per_image
+        """Seconds until the images admitted so far (queued, decoding, and the batches running) are computed:
+        what a new request would wait before its own batch starts. The instances share that work."""
+        return (self._pending + self._running) * self.per_image / self.instances
 
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
         """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once. A request larger than
@@ -178,7 +194,7 @@ class Batcher:
                 return
             if not self._stopping:
                 self._queue.append(_Item(job, index, x, time.monotonic(), waited))
-                self._cond.notify()
+                self._cond.notify_all()  # every instance: the first free one in order takes it
                 return
         self.fail(job, index, ShuttingDown("server shutting down"))
 
@@ -205,7 +221,7 @@ class Batcher:
             job.reserved -= count
             self._pending -= count
             depth = self._pending
-            self._cond.notify()
+            self._cond.notify_all()
         self._on_depth(depth)
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -217,8 +233,7 @@ class Batcher:
             self._cond.notify_all()
         for item in left:
             item.job.set(item.index, ShuttingDown("server shutting down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._join(timeout)
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Retire the batcher (a model version being unloaded): refuse new requests, run every image already
@@ -227,41 +242,66 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        finished = not self._thread.is_alive()
+        finished = self._join(timeout)
         self.stop(0)
         return finished
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _join(self, timeout: float | None) -> bool:
+        """Wait for every instance thread, `timeout` in all; True when none is left running."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
+
+    def _next_batch(self, instance: int = 0) -> tuple[list[_Item], bool] | None:
+        """The next batch for `instance`, and whether it runs alone (no other batch running, none queued).
+        Instance i takes work only while instances 0..i-1 are all busy, so light load stays on instance 0
+        (its caches warm) and the others join as the queue builds."""
         with self._cond:
-            while not self._queue and not self._stopping and not (self._closing and self._pending == 0):
-                self._cond.wait()
-            if self._stopping or not self._queue:
-                return None
-            flush_at = self._queue[0].enqueued + self.max_queue_delay
-            # Wait for a fuller batch only while admitted images are still being decoded.
-            while len(self._queue) < self.max_batch_size and self._pending > len(self._queue):
-                remaining = flush_at - time.monotonic()
-                if remaining <= 0 or self._stopping:
+            while True:
+                while not self._stopping and not (self._closing and self._pending == 0) and (
+                        not self._queue or self._busy < instance):
+                    self._cond.wait()
+                if self._stopping or not self._queue:
+                    self._cond.notify_all()  # closing: the other instances see it too
+                    return None
+                flush_at = self._queue[0].enqueued + self.max_queue_delay
+                # Wait for a fuller batch only while admitted images are still being decoded.
+                while len(self._queue) < self.max_batch_size and self._pending > len(self._queue):
+                    remaining = flush_at - time.monotonic()
+                    if remaining <= 0 or self._stopping:
+                        break
+                    self._cond.wait(remaining)
+                if self._queue:  # another instance may have taken them while this one waited
                     break
-                self._cond.wait(remaining)
             items = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
             for item in items:
                 item.job.reserved -= 1
+            alone = self._busy == 0 and not self._queue
             self._pending -= len(items)
-            self._running = len(items)
+            self._running += len(items)
+            self._busy += 1
             depth = self._pending
+            self._cond.notify_all()  # the next instance in order may take what is left
         self._on_depth(depth)
-        return items
+        return items, alone
 
-    def _loop(self) -> None:
+    def _done_running(self, count: int, batch_over: bool = False) -> None:
+        with self._cond:
+            self._running -= count
+            if batch_over:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def _loop(self, instance: int, run: Callable[[np.ndarray], np.ndarray]) -> None:
         if self.nice:
             try:
                 os.nice(self.nice)  # Linux: this thread's niceness only
             except OSError as exc:
                 log.warning("batcher thread priority unchanged: %s", exc)
-        while (items := self._next_batch()) is not None:
+        while (taken := self._next_batch(instance)) is not None:
+            items, alone = taken
             now = time.monotonic()
             # An image whose deadline passes before this batch can finish is dropped now, not computed for nothing.
             finish = now + len(items) * self.per_image
@@ -277,20 +317,20 @@ class Batcher:
                     live.append(item)
             if expired:
                 self._on_expired(expired)
+            self._done_running(len(items) - len(live), batch_over=not live)
             if not live:
-                self._running = 0
                 continue
             start = time.monotonic()
             try:
-                probs: np.ndarray | Exception = self._run(np.stack([item.x for item in live]))
+                runner = self._solo if alone and self._solo is not None else run
+                probs: np.ndarray | Exception = runner(np.stack([item.x for item in live]))
             except Exception as exc:  # a runtime failure fails this batch, not the server
                 log.exception("inference failed for a batch of %d", len(live))
                 probs = exc
             end = time.monotonic()
             seconds = end - start
             self.observe(len(live), seconds)
-            with self._cond:
-                self._running = 0
+            self._done_running(len(live), batch_over=True)
             waits = [start - item.enqueued + item.waited for item in live]
             wasted = sum(1 for item in live if item.job.cancelled or item.job.expired(end))
             try:
@@ -301,8 +341,9 @@ class Batcher:
             for item, wait in zip(live, waits, strict=True):
                 longest[item.job] = max(longest.get(item.job, 0.0), wait)
             for job, wait in longest.items():  # before set(): the last image completes the job
-                job.queue_s += wait  # only this thread writes these three
-                job.infer_s += seconds
-                job.batches.append(len(live))
+                with job._lock:  # a request split over instances is written by several threads
+                    job.queue_s += wait
+                    job.infer_s += seconds
+                    job.batches.append(len(live))
             for k, item in enumerate(live):
                 item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])

@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
           f"{CPUS_PER_WORKER} usable CPUs (affinity and cgroup quota), at least 1", "auto", metavar="N|auto")
     _flag(serve, "--inference-threads", "threads per model runtime, per worker (default: usable CPUs / workers)",
           None, type=int)
+    _flag(serve, "--instances", "model instances per version, per worker, sharing --inference-threads: runtimes "
+          "taking batches from one queue at once (docs/scaling.md); auto = 2 for ONNX and TFLite when there are "
+          "2+ inference threads, else 1", "auto", metavar="N|auto")
     _flag(serve, "--decode-workers", "image decode/preprocess processes, per worker (default: usable CPUs / "
           "workers)", None, type=int)
     _flag(serve, "--max-concurrent-calls", "calls in progress (a stream counts once) before RESOURCE_EXHAUSTED; "
@@ -179,6 +182,18 @@ def _workers(text: str, cpus: int) -> int:
     return workers
 
 
+def _instances(text: str) -> int | None:
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        instances = int(text)
+    except ValueError:
+        raise ImgclsError(f"--instances {text!r}: expected a number or auto") from None
+    if instances < 1:
+        raise ImgclsError("--instances must be at least 1 (or auto)")
+    return instances
+
+
 def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
     """The config each serving process runs with, and how many processes (`--workers`): sized from the CPUs
     this process may use (affinity and cgroup quota, imgcls.cpus) unless the flags say otherwise."""
@@ -195,6 +210,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
         poll_interval=args.poll_interval, require_models=args.require_models,
         max_concurrent_calls=args.max_concurrent_calls,
+        instances=_instances(args.instances),
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,

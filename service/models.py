@@ -65,6 +65,7 @@ class Settings(Protocol):
     runtime: str | None
     model_runtimes: dict[str, str]
     inference_threads: int
+    instances: int | None
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
@@ -72,6 +73,40 @@ class Settings(Protocol):
     verify_checksums: bool
 
     def policy(self, model: str) -> repository.VersionPolicy: ...
+
+
+INSTANCE_FORMATS = ("onnx", "tflite", "tflite-fp16", "tflite-int8")  # runtimes that gain from instances
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """How one model version's inference threads are spent: `count` instances of `threads` each, plus (when
+    there are several) one runtime with all of them for a batch that runs alone, so that light load keeps the
+    batch-1 latency of one runtime using every thread."""
+
+    count: int
+    threads: int
+    solo_threads: int = 0  # 0: no such runtime
+
+    @property
+    def runtime_threads(self) -> list[int]:
+        return [self.threads] * self.count + ([self.solo_threads] if self.solo_threads else [])
+
+    def describe(self) -> str:
+        text = f"{self.count} instance(s) x {self.threads} thread(s)"
+        return text + (f", {self.solo_threads} threads for a lone batch" if self.solo_threads else "")
+
+
+def plan_instances(fmt: str, threads: int, requested: int | None = None) -> InstancePlan:
+    """`requested` instances (None: automatic) sharing `threads`. Automatic is 2 for ONNX and TFLite given 2
+    or more threads: measured on 2 cores (docs/scaling.md), two single-threaded onnxruntime instances served
+    1.1-1.4x the images of one two-threaded runtime at 8-32 clients. SavedModel stays at 1: TensorFlow's
+    thread pools are process-wide and each copy of the graph costs its full memory."""
+    threads = max(1, threads)
+    count = requested if requested is not None else (2 if fmt in INSTANCE_FORMATS and threads >= 2 else 1)
+    per = max(1, threads // count)
+    solo = threads if count > 1 and threads > per else 0
+    return InstancePlan(count, per, solo)
 
 
 class ModelManager:
@@ -216,23 +251,29 @@ class ModelManager:
         assert artifact is not None
         if cfg.verify_checksums:
             repository.verify_checksum(entry.folder, artifact)
-        runtime = runtimes.load_runtime(entry.folder, artifact, cfg.inference_threads)
-        if self.runtime_hook is not None:
-            runtime = self.runtime_hook(entry, runtime)
+        plan = plan_instances(fmt, cfg.inference_threads, cfg.instances)
+        instances = []  # one runtime each: a TFLite interpreter is not safe to share between threads
+        for n_threads in plan.runtime_threads:
+            runtime = runtimes.load_runtime(entry.folder, artifact, n_threads)
+            if self.runtime_hook is not None:
+                runtime = self.runtime_hook(entry, runtime)
+            instances.append(runtime)
         h, w = entry.manifest.preprocessing.input_size
         # Warm-up: first calls allocate and compile (and create TFLite's per-size interpreters).
-        for n in sorted({1 << i for i in range(cfg.max_batch_size.bit_length())} | {cfg.max_batch_size}):
-            warm_start = time.monotonic()
-            out = runtime.run(np.zeros((n, h, w, 3), np.float32))
-            warm_seconds = time.monotonic() - warm_start
-            if out.shape != (n, entry.manifest.num_classes):
-                raise ImgclsError(f"{entry.folder} ({fmt}): output shape {out.shape}, expected "
-                                  f"({n}, {entry.manifest.num_classes}) from the manifest's class_names")
-        lifecycle.probe(runtime, entry, artifact)
+        for runtime in instances:
+            for n in sorted({1 << i for i in range(cfg.max_batch_size.bit_length())} | {cfg.max_batch_size}):
+                warm_start = time.monotonic()
+                out = runtime.run(np.zeros((n, h, w, 3), np.float32))
+                warm_seconds = time.monotonic() - warm_start
+                if out.shape != (n, entry.manifest.num_classes):
+                    raise ImgclsError(f"{entry.folder} ({fmt}): output shape {out.shape}, expected "
+                                      f"({n}, {entry.manifest.num_classes}) from the manifest's class_names")
+            lifecycle.probe(runtime, entry, artifact)
         name, version = entry.name, str(entry.version)
         stats = ModelStats()
         batcher = Batcher(
-            runtime.run, max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
+            [r.run for r in instances[:plan.count]], solo=instances[-1].run if plan.solo_threads else None,
+            max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
             max_queue_size=cfg.max_queue_size, name=f"{name}-v{version}",
             on_batch=self._batch_observer(name, fmt, stats), on_depth=m.queue_depth.labels(name).set,
             on_expired=m.expired_images.labels(name).inc,
@@ -243,7 +284,8 @@ class ModelManager:
         seconds = time.monotonic() - start
         m.model_load_seconds.labels(name, version, fmt).set(seconds)
         m.model_loaded.labels(name, version, entry.manifest.backbone, fmt).set(1)
-        log.info("loaded %s v%s (%s, %s) in %.2fs", name, version, entry.manifest.backbone, fmt, seconds)
+        log.info("loaded %s v%s (%s, %s, %s) in %.2fs", name, version, entry.manifest.backbone, fmt, plan.describe(),
+                 seconds)
         return LoadedModel(entry, fmt, batcher, stats)
 
     def _retire(self, model: LoadedModel, epoch: int) -> None:

@@ -72,6 +72,9 @@ class ServeConfig:
     poll_interval: float = 0.0  # seconds between repository scans for new/removed versions; 0 = no reload
     require_models: bool = False  # an empty or missing repository is an error at start, not a wait
     inference_threads: int = field(default_factory=runtimes.default_threads)
+    # Model instances per version: runtimes sharing `inference_threads` and taking batches from one queue;
+    # None = automatic (models.plan_instances).
+    instances: int | None = None
     decode_workers: int = field(default_factory=runtimes.default_threads)
     max_concurrent_calls: int = 1024  # calls in progress (streams count once) before RESOURCE_EXHAUSTED
     max_batch_size: int = 32
@@ -115,6 +118,8 @@ class ServeConfig:
         for fmt in [self.runtime, *self.model_runtimes.values()]:
             if fmt is not None and fmt not in runtimes.FORMATS:
                 raise ImgclsError(f"--runtime {fmt}: choose one of {', '.join(runtimes.FORMATS)}")
+        if self.instances is not None and self.instances < 1:
+            raise ImgclsError("--instances must be at least 1 (or auto)")
         positive = ("inference_threads", "decode_workers", "max_concurrent_calls", "max_batch_size", "max_queue_size",
                     "max_images_per_request", "max_message_bytes", "max_image_bytes", "max_image_pixels",
                     "default_top_k", "stream_max_inflight")

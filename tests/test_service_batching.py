@@ -277,3 +277,139 @@ def test_cancelled_stream_frees_its_slots_and_is_no_longer_in_flight(gated):
     wait_for(lambda: metric(scrape(server), "imgcls_inflight_requests", method="PredictStream") == 0)
     assert gate.images_seen() == 1
     channel.close()
+
+
+# --- model instances (several runtimes on one queue) -------------------------------------------------------------
+
+
+class _Instance:
+    """A runtime that records what it ran and can be held inside a batch."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]]) -> None:
+        self.name, self.log = name, log
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.log.append((self.name, len(batch)))
+        self.entered.set()
+        assert self.gate.wait(10)
+        return batch[:, :1, 0, 0]
+
+
+def _instances_batcher(count: int, solo: bool = True, **kwargs):
+    log: list[tuple[str, int]] = []
+    runs = [_Instance(f"i{k}", log) for k in range(count)]
+    lone = _Instance("solo", log) if solo else None
+    batcher = Batcher([r.run for r in runs], solo=lone.run if lone else None,
+                      **{"max_batch_size": 4, "max_queue_delay": 0.0, "max_queue_size": 64, **kwargs})
+    batcher.start()
+    return batcher, runs, lone, log
+
+
+def test_lone_batches_run_on_the_all_threads_runtime_and_stay_on_one_instance():
+    batcher, _runs, _lone, log = _instances_batcher(2)
+    try:
+        for k in range(5):  # one request at a time: each batch runs alone
+            job = batcher.admit(1)
+            batcher.put(job, 0, _marker(k))
+            assert job.done.wait(5)
+            assert float(job.results[0][0]) == k
+        assert log == [("solo", 1)] * 5
+    finally:
+        batcher.stop()
+
+
+def test_a_second_instance_takes_a_batch_while_the_first_is_busy():
+    batcher, runs, lone, log = _instances_batcher(2)
+    try:
+        lone.gate.clear()  # the first batch runs alone (solo) and is held there
+        first = batcher.admit(1)
+        batcher.put(first, 0, _marker(1))
+        assert lone.entered.wait(5)
+        runs[1].gate.clear()
+        second = batcher.admit(2)  # arrives while one instance is busy: instance 1 takes it, not alone
+        for i in range(2):
+            batcher.put(second, i, _marker(10 + i))
+        assert runs[1].entered.wait(5), f"the second instance never ran a batch: {log}"
+        assert ("i1", 2) in log and not first.done.is_set() and not second.done.is_set()
+        lone.gate.set()
+        runs[1].gate.set()
+        assert first.done.wait(5) and second.done.wait(5)
+        assert [float(r[0]) for r in second.results] == [10, 11]
+        assert batcher.depth == 0
+    finally:
+        for r in [*runs, lone]:
+            r.gate.set()
+        batcher.stop()
+
+
+def test_instances_split_a_large_request_and_keep_its_order():
+    batcher, runs, _lone, log = _instances_batcher(2, solo=False)
+    try:
+        for r in runs:
+            r.gate.clear()
+        job = batcher.admit(12)
+        for i in range(12):
+            batcher.put(job, i, _marker(i))
+        wait_for(lambda: runs[0].entered.is_set() and runs[1].entered.is_set())
+        for r in runs:
+            r.gate.set()
+        assert job.done.wait(5)
+        assert [float(r[0]) for r in job.results] == list(range(12))
+        assert {name for name, _ in log} == {"i0", "i1"} and sum(n for _, n in log) == 12
+        assert len(job.batches) == len(log) and job.infer_s > 0
+    finally:
+        for r in runs:
+            r.gate.set()
+        batcher.stop()
+
+
+def test_close_with_several_instances_finishes_what_was_admitted():
+    batcher, _runs, _lone, _log = _instances_batcher(3, solo=False)
+    jobs = [batcher.admit(2) for _ in range(3)]
+    for job in jobs:
+        for i in range(2):
+            batcher.put(job, i, _marker(i))
+    assert batcher.close(10)
+    assert all(job.done.is_set() for job in jobs)
+    assert not any(t.is_alive() for t in batcher._threads)
+    with pytest.raises(Exception, match="shutting down"):
+        batcher.admit(1)
+
+
+def test_instance_plan():
+    from imgcls.service.models import plan_instances
+
+    assert plan_instances("onnx", 2).runtime_threads == [1, 1, 2]  # two single-threaded + one for lone batches
+    assert plan_instances("tflite-int8", 4).runtime_threads == [2, 2, 4]
+    assert plan_instances("onnx", 1).runtime_threads == [1]
+    assert plan_instances("savedmodel", 8).runtime_threads == [8]  # TensorFlow: one copy of the graph
+    assert plan_instances("onnx", 2, requested=1).runtime_threads == [2]
+    assert plan_instances("onnx", 6, requested=3).runtime_threads == [2, 2, 2, 6]
+    assert plan_instances("onnx", 2, requested=4).runtime_threads == [1, 1, 1, 1, 2]
+    assert plan_instances("onnx", 1, requested=2).runtime_threads == [1, 1]  # no more threads for a lone batch
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_server_with_two_instances_answers_like_the_model(service_repo, runtime, caplog):
+    """Two instances (two inference threads, so one more runtime for lone batches): concurrent requests are
+    spread over the instances and every answer is the model's own output for that request's images."""
+    reference = Reference(service_repo)
+    expected = reference.probs(IMAGES)
+    with caplog.at_level("INFO", logger="imgcls.service.models"):
+        with running_server(service_repo, inference_threads=2, instances=2, model_runtimes={"tiny": runtime},
+                            max_batch_size=4, max_queue_delay_ms=20) as server:
+            with client_for(server) as client, ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(lambda i: (i, client.predict([IMAGES[i % 8], IMAGES[(i + 3) % 8]],
+                                                                     model="tiny", top_k=3)), range(48)))
+            text = scrape(server)
+    for i, result in results:
+        for image, k in zip(result.results, (i % 8, (i + 3) % 8), strict=True):
+            got = np.zeros(3, np.float32)
+            for label in image.labels:
+                got[label.index] = label.score
+            np.testing.assert_allclose(got, expected[k], atol=2e-5)
+    assert metric(text, "imgcls_batch_size_sum", model="tiny") == 96
+    assert any("2 instance(s) x 1 thread(s), 2 threads for a lone batch" in r.getMessage() for r in caplog.records)
