@@ -42,4 +42,5 @@ class TFLiteRunner(TFLiteRuntime):
 def open_runner(fmt: str, path: Path, threads: int, tflite_max_chunk: int | None = None) -> Runner:
     if fmt == "savedmodel":
         return SavedModelRunner(path)
-    return open_runtime(fmt, path, threads, tflite_max_chunk=tflite_max_chunk)
+    # ONNX runs whole batches here, as the checks prove large batches work; TFLite as asked.
+    return open_runtime(fmt, path, threads, max_chunk=tflite_max_chunk if fmt.startswith("tflite") else None)

@@ -22,10 +22,11 @@ def expected(service_repo):
     return reference.inputs(IMAGES), reference.probs(IMAGES)
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # the serving chunk sizes differ (imgcls.runtimes.serving_chunk)
 @pytest.mark.parametrize("fmt", ["onnx", "tflite", "tflite-fp16", "tflite-int8"])
-def test_runtime_matches_model_on_any_batch_size(service_repo, expected, fmt):
+def test_runtime_matches_model_on_any_batch_size(service_repo, expected, fmt, threads):
     folder = service_repo / "tiny" / "2"
-    runtime = load_runtime(folder, read_manifest(folder).artifact(fmt), threads=1)
+    runtime = load_runtime(folder, read_manifest(folder).artifact(fmt), threads=threads)
     x, probs = expected
     atol = TOLERANCE.get(fmt, 1e-5)
     for sizes in ([1, 1], [3, 4], [7], [2, 5]):  # TFLite resizes (and caches) per batch size
@@ -37,6 +38,29 @@ def test_runtime_matches_model_on_any_batch_size(service_repo, expected, fmt):
             start += n
     if fmt == "tflite-int8":  # quantized input and output: same ranking on these images
         assert (runtime.run(x).argmax(1) == probs.argmax(1)).mean() >= 0.85
+
+
+def test_serving_runs_onnx_in_bounded_chunks(service_repo, expected):
+    """A batch larger than the chunk runs in pieces no larger than it (the session's arena stays that small),
+    with the same output as one call on the whole batch."""
+    from imgcls.runtimes import OnnxRuntime, serving_chunk
+
+    assert (serving_chunk("onnx", 1), serving_chunk("onnx", 2)) == (4, 8)
+    assert (serving_chunk("tflite", 1), serving_chunk("tflite-int8", 4), serving_chunk("savedmodel", 2)) == (1, 8, None)
+    folder = service_repo / "tiny" / "2"
+    runtime = load_runtime(folder, read_manifest(folder).artifact("onnx"), threads=1)
+    assert isinstance(runtime, OnnxRuntime) and runtime.max_chunk == 4
+    sizes = []
+    session_run = runtime.session.run
+
+    def spy(outputs, feed):
+        sizes.append(len(next(iter(feed.values()))))
+        return session_run(outputs, feed)
+
+    runtime.session = type("Spy", (), {"run": staticmethod(spy)})()
+    x, probs = expected
+    np.testing.assert_allclose(runtime.run(x), probs, atol=1e-5)
+    assert sizes == [4, 3]
 
 
 @pytest.mark.slow
