@@ -173,6 +173,14 @@ class Batcher:
         what a new request would wait before its own batch starts. The instances share that work."""
         return (self._pending + self._running) * self.per_image / self.instances
 
+    def expected_done(self, n: int) -> float:
+        """Seconds until `n` more images would be computed. The work ahead is shared by the instances, but
+        the last batch, the one holding these images, runs on one instance alone: with one instance this is
+        (ahead + n) x per-image cost; with k, the batch's share of it is k times longer."""
+        ahead = self._pending + self._running
+        batch = min(max(n, self.max_batch_size), max(n, -(-(ahead + n) // self.instances)))
+        return ((ahead + n - batch) / self.instances + batch) * self.per_image
+
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
         """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once. A request larger than
         the whole queue is admitted only into an empty one, so every allowed request size can be served."""

@@ -434,7 +434,7 @@ class Core:
         batcher = model.batcher
         if deadline is not None:
             left = deadline - time.monotonic()
-            wait = batcher.expected_wait() + n * batcher.per_image
+            wait = batcher.expected_done(n)
             if left <= 0 or wait > left:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"deadline exceeded: {max(0.0, left) * 1000:.0f} ms left, the queue ahead "

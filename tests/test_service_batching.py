@@ -398,13 +398,13 @@ def test_server_with_two_instances_answers_like_the_model(service_repo, runtime,
     spread over the instances and every answer is the model's own output for that request's images."""
     reference = Reference(service_repo)
     expected = reference.probs(IMAGES)
-    with caplog.at_level("INFO", logger="imgcls.service.models"):
-        with running_server(service_repo, inference_threads=2, instances=2, model_runtimes={"tiny": runtime},
-                            max_batch_size=4, max_queue_delay_ms=20) as server:
-            with client_for(server) as client, ThreadPoolExecutor(12) as pool:
-                results = list(pool.map(lambda i: (i, client.predict([IMAGES[i % 8], IMAGES[(i + 3) % 8]],
-                                                                     model="tiny", top_k=3)), range(48)))
-            text = scrape(server)
+    with caplog.at_level("INFO", logger="imgcls.service.models"), running_server(
+            service_repo, inference_threads=2, instances=2, model_runtimes={"tiny": runtime}, max_batch_size=4,
+            max_queue_delay_ms=20) as server:
+        with client_for(server) as client, ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda i: (i, client.predict([IMAGES[i % 8], IMAGES[(i + 3) % 8]],
+                                                                 model="tiny", top_k=3)), range(48)))
+        text = scrape(server)
     for i, result in results:
         for image, k in zip(result.results, (i % 8, (i + 3) % 8), strict=True):
             got = np.zeros(3, np.float32)
@@ -413,3 +413,17 @@ def test_server_with_two_instances_answers_like_the_model(service_repo, runtime,
             np.testing.assert_allclose(got, expected[k], atol=2e-5)
     assert metric(text, "imgcls_batch_size_sum", model="tiny") == 96
     assert any("2 instance(s) x 1 thread(s), 2 threads for a lone batch" in r.getMessage() for r in caplog.records)
+
+
+def test_expected_done_counts_the_last_batch_on_one_instance():
+    """Admission's estimate: the work ahead is shared by the instances, the batch holding the new images is not."""
+    one = Batcher(lambda b: b, max_batch_size=32, max_queue_delay=0.0, max_queue_size=64)
+    two = Batcher([lambda b: b, lambda b: b], max_batch_size=32, max_queue_delay=0.0, max_queue_size=64)
+    for batcher in (one, two):
+        batcher.per_image = 0.01
+        assert batcher.expected_done(1) == pytest.approx(0.01)  # nothing ahead: one image's time, on any count
+        batcher.admit(64)
+    assert one.expected_done(1) == pytest.approx(0.65)  # 65 images, one after the other
+    # 65 images over two instances: 33 shared out (0.165 s), then a full batch of 32 on one instance (0.32 s)
+    assert two.expected_done(1) == pytest.approx(0.485)
+    assert two.expected_done(1) > two.expected_wait() + 0.01  # the old estimate left the last batch out
