@@ -170,28 +170,22 @@ def _env_tokens() -> list[str]:
     return parse_tokens(os.environ.get("IMGCLS_TOKENS", ""), "IMGCLS_TOKENS")
 
 
-def _workers(text: str, cpus: int) -> int:
-    if str(text).strip().lower() == "auto":
-        return auto_workers(cpus)
-    try:
-        workers = int(text)
-    except ValueError:
-        raise ImgclsError(f"--workers {text!r}: expected a number or auto") from None
-    if workers < 1:
-        raise ImgclsError("--workers must be at least 1 (or auto)")
-    return workers
-
-
-def _instances(text: str) -> int | None:
+def _count_or_auto(text: str, flag: str) -> int | None:
+    """A flag that takes a positive number or `auto` (None)."""
     if str(text).strip().lower() == "auto":
         return None
     try:
-        instances = int(text)
+        count = int(text)
     except ValueError:
-        raise ImgclsError(f"--instances {text!r}: expected a number or auto") from None
-    if instances < 1:
-        raise ImgclsError("--instances must be at least 1 (or auto)")
-    return instances
+        raise ImgclsError(f"{flag} {text!r}: expected a number or auto") from None
+    if count < 1:
+        raise ImgclsError(f"{flag} must be at least 1 (or auto)")
+    return count
+
+
+def _workers(text: str, cpus: int) -> int:
+    workers = _count_or_auto(text, "--workers")
+    return auto_workers(cpus) if workers is None else workers
 
 
 def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
@@ -210,7 +204,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         model_versions=_model_policies(args.model_version_policy or os.environ.get("IMGCLS_MODEL_VERSION_POLICY")),
         poll_interval=args.poll_interval, require_models=args.require_models,
         max_concurrent_calls=args.max_concurrent_calls,
-        instances=_instances(args.instances),
+        instances=_count_or_auto(args.instances, "--instances"),
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
