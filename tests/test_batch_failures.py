@@ -98,7 +98,9 @@ def test_files_delayed_by_a_slow_neighbour_are_not_recorded_as_failed(tmp_path):
             if not context.is_active():  # has gone (deadline, cancel) is dropped, never started
                 return None
         try:
-            time.sleep(4.0 if data == SLOW else 0.01)  # once started it never stops, like a Pillow decode
+            # Once started it never stops, like a Pillow decode. 3.5 timeouts: every wait in the story below
+            # ends 0.5 timeouts away from a deadline (at exactly 4, a neighbour's wait ended on its deadline).
+            time.sleep(5.25 if data == SLOW else 0.01)
         finally:
             workers.release()
 
@@ -106,7 +108,7 @@ def test_files_delayed_by_a_slow_neighbour_are_not_recorded_as_failed(tmp_path):
     out = tmp_path / "out.jsonl"
     with fake_server() as server:
         server.service.on_image = decode
-        summary = _run(server, folder, out, batch_size=8, timeout=1.0)
+        summary = _run(server, folder, out, batch_size=8, timeout=1.5)
     rows = _rows(out)
     assert [name for name, r in rows.items() if "error" in r] == ["00.jpg"]
     assert summary.ok == 7 and summary.exit_code == EXIT_FAILED_FILES
