@@ -64,7 +64,7 @@ class PeersMissing(RuntimeError):
 class Peers:
     """The benchmark peers in their own virtualenv: its Python (pytriton) and perf_analyzer."""
 
-    python: Path
+    python: Path | None  # None: perf_analyzer alone (`standalone_peers`), no Triton
     perf_analyzer: Path
     pa_env: dict[str, str]
 
@@ -84,10 +84,40 @@ def find_peers(venv: Path = DEFAULT_PEERS) -> Peers:
     return Peers(python, pa, env)
 
 
+def standalone_peers(perf_analyzer: Path) -> Peers:
+    """perf_analyzer without .venv-peers, for a machine that has no Triton (the 16-core device machine of
+    bench_scaling.py): its libraries (libb64, libcudart.so.12) come from LD_LIBRARY_PATH, and the KServe v2
+    metadata is read with imgcls's own stubs instead of tritonclient."""
+    env = dict(os.environ)
+    probe = subprocess.run([str(perf_analyzer), "--version"], env=env, capture_output=True, text=True, timeout=30)
+    if "error while loading shared libraries" in probe.stderr:
+        raise PeersMissing(f"perf_analyzer does not start ({probe.stderr.strip()}); put libb64.so.0d and "
+                           "libcudart.so.12 on LD_LIBRARY_PATH")
+    return Peers(None, perf_analyzer, env)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bytes_input_with_imgcls_stubs(url: str, model: str) -> tuple[str | None, str]:
+    import grpc
+
+    from imgcls.service import protocols
+
+    request_type, response_type = protocols.method_types("inference.GRPCInferenceService", "ModelMetadata")
+    try:
+        with grpc.insecure_channel(url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata",
+                                       request_serializer=request_type.SerializeToString,
+                                       response_deserializer=response_type.FromString)
+            meta = call(request_type(name=model), timeout=60)
+    except grpc.RpcError as exc:
+        return None, f"{exc.code().name}: {exc.details()}"
+    name = next((i.name for i in meta.inputs if i.datatype == "BYTES"), "")
+    return (name, "") if name else (None, "no BYTES input in ModelMetadata")
 
 
 class TritonServer:
@@ -149,7 +179,10 @@ print(next((i["name"] for i in m.get("inputs", []) if i["datatype"] == "BYTES"),
 
 def kserve_bytes_input(peers: Peers, url: str, model: str) -> tuple[str | None, str]:
     """The model's BYTES input as KServe v2 ModelMetadata reports it (tritonclient, the same library
-    perf_analyzer's protocol comes from). (name, "") or (None, why)."""
+    perf_analyzer's protocol comes from; imgcls's own stubs when there is no peers Python). (name, "") or
+    (None, why)."""
+    if peers.python is None:
+        return _bytes_input_with_imgcls_stubs(url, model)
     out = subprocess.run([str(peers.python), "-c", _METADATA, url, model], capture_output=True, text=True,
                          timeout=60)
     name = out.stdout.strip()

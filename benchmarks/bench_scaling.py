@@ -13,6 +13,10 @@ perf_analyzer share the cores; the table says so, and only ratios within the run
 
     python benchmarks/bench_scaling.py --model-repository runs/repo --model flowers \\
         --images ~/.keras/datasets/flower_photos --cores 2 --workers 1,2 --concurrency 1,8,32 --duration 10
+
+On a machine without .venv-peers (the 16-core device machine), `--perf-analyzer PATH` runs that binary alone
+(its libraries on LD_LIBRARY_PATH), and `--configs 2x1,12x1,12x3` names exactly which (cores x workers) to run.
+`--json` is rewritten after every configuration, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -182,11 +186,38 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['cores']} | {r['workers']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
                      f"{r['per_core']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rss_mib']:.0f} | "
                      f"{r.get('rss_per_worker_mib', 0):.0f} |")
-    alone = [r for r in rows if r["kind"] != "server"]
+    alone = [r for r in rows if r["kind"] not in ("server", "error")]
+    lines += [f"\nFAILED: {r['cores']} cores x {r['workers']} workers: {r['error'].splitlines()[-1:]}"
+              for r in rows if r["kind"] == "error"]
     if alone:
         lines += ["", "| cores | measured | img/s | img/s per core |", "|---:|---|---:|---:|"]
         lines += [f"| {r['cores']} | {r['kind']} | {r['images_per_s']:.1f} | {r['per_core']:.1f} |" for r in alone]
     return "\n".join(lines)
+
+
+def parse_configs(text: str) -> list[tuple[int, int | str]]:
+    """`2x1,12x3,12xauto` -> [(2, 1), (12, 3), (12, "auto")]: server cores x --workers."""
+    out: list[tuple[int, int | str]] = []
+    for item in text.split(","):
+        cores, _, workers = item.strip().partition("x")
+        if not cores.isdigit() or not (workers.isdigit() or workers == "auto"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected CORESxWORKERS, e.g. 12x3 or 12xauto")
+        out.append((int(cores), int(workers) if workers.isdigit() else "auto"))
+    return out
+
+
+def machine_facts() -> dict:
+    """What the figures depend on: CPU model, counts, the limits imgcls sees, the kernel, library versions."""
+    import onnxruntime
+
+    from imgcls import cpus as imgcls_cpus
+
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"cpus": len(os.sched_getaffinity(0)), "processor": model or platform.processor(),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "limits": imgcls_cpus.cpu_limits().describe()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--stability", type=float, default=20.0)
     parser.add_argument("--images-limit", type=int, default=64)
+    parser.add_argument("--configs", type=parse_configs, default=None,
+                        help="exact server configurations CORESxWORKERS, e.g. 2x1,12x1,12x3 (instead of --cores x "
+                             "--workers)")
     parser.add_argument("--no-alone", action="store_true", help="skip the runtime-alone and in-process rows")
+    parser.add_argument("--alone-cores", type=_ints, default=None,
+                        help="sizes at which to measure the runtime alone and in-process (default: every size)")
+    parser.add_argument("--perf-analyzer", type=Path, default=None,
+                        help="a perf_analyzer binary to use without .venv-peers (libraries from LD_LIBRARY_PATH)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    peers = bench_peers.find_peers()
+    peers = bench_peers.standalone_peers(args.perf_analyzer) if args.perf_analyzer else bench_peers.find_peers()
     peers.pa_env["TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"] = "1"  # a connection per perf_analyzer context
     [entry] = [e for e in repository.scan(args.model_repository) if e.name == args.model]
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:args.images_limit]
@@ -212,22 +250,35 @@ def main(argv: list[str] | None = None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     sizes = args.cores or [n for n in (1, 2, 4, 8, 12, 16, 32, 64) if n <= (len(cpus) // 2 if len(cpus) >= 4
                                                                             else len(cpus))]
+    configs = args.configs or [(n, int(w) if w.strip() != "auto" else "auto")
+                               for n in sizes for w in args.workers.split(",")]
+    alone_sizes = [] if args.no_alone else (args.alone_cores or sorted({n for n, _ in configs}))
     rows: list[dict] = []
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine_facts(), "command": " ".join(sys.argv),
+              "shared_cores": len(cpus) < 4, "rows": rows}
+    print(f"# machine: {result['machine']}", file=sys.stderr)
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
+        for i, (n, workers) in enumerate(configs):
+            if n > len(cpus):
+                raise SystemExit(f"--configs {n}x{workers}: this machine has {len(cpus)} CPUs")
             cores = cpus[:n]
             load = cpus[n:] or cpus  # too few cores: the load generator shares them
-            for w in args.workers.split(","):
-                workers = int(w) if w.strip() != "auto" else "auto"
-                rows += bench_server_size(peers, cores, load, workers, args, data, Path(tmp))
-            if not args.no_alone:
-                rows += bench_alone(entry, data, cores, args.duration)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": len(cpus), "processor": platform.processor(),
-                                                             "python": platform.python_version()},
-              "command": " ".join(sys.argv), "shared_cores": len(cpus) < 4, "rows": rows}
+            try:
+                rows.extend(bench_server_size(peers, cores, load, workers, args, data, Path(tmp)))
+            except (RuntimeError, SystemExit, OSError, subprocess.SubprocessError) as exc:  # keep what was measured
+                rows.append({"kind": "error", "cores": n, "workers": workers, "error": str(exc)[-2000:]})
+                print(f"# {n} cores, {workers} workers: FAILED {exc}", file=sys.stderr)
+            last_of_size = all(m != n for m, _ in configs[i + 1:])
+            if last_of_size and n in alone_sizes:
+                rows.extend(bench_alone(entry, data, cores, args.duration))
+            save()
     print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    save()
     return 0
 
 

@@ -6,7 +6,9 @@ skips, as tests/test_bench_peers.py does.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -38,3 +40,45 @@ def test_bench_scaling_measures_each_worker_setting(service_repo, tmp_path):
     assert all(r["rss_mib"] > r["rss_per_worker_mib"] > 0 for r in two)  # both workers and the supervisor
     assert {r["kind"] for r in rows} >= {"runtime alone, batch 32", "in-process decode + runtime, batch 32"}
     assert "| 1 | 2 | 4 |" in proc.stdout  # the markdown table
+
+
+def bench_scaling_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_scaling
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return bench_scaling
+
+
+def test_configs_name_cores_and_workers_exactly():
+    parse = bench_scaling_module().parse_configs
+    assert parse("2x1, 12x6,12xauto") == [(2, 1), (12, 6), (12, "auto")]
+    for bad in ("12", "x3", "12x", "12x-1", "twox1", "12x3x4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="CORESxWORKERS"):
+            parse(bad)
+
+
+@pytest.mark.slow
+def test_bench_scaling_runs_with_perf_analyzer_alone(service_repo, tmp_path):
+    """The way it runs on a machine without .venv-peers (the 16-core device machine): the perf_analyzer binary
+    alone, its libraries from LD_LIBRARY_PATH, the KServe metadata read with imgcls's own messages, exactly the
+    configurations named, and the JSON written as it goes."""
+    peers = peers_or_skip()
+    images = tmp_path / "images"
+    images.mkdir()
+    write_images(images, count=4)
+    out = tmp_path / "scaling.json"
+    env = {**os.environ, "LD_LIBRARY_PATH": peers.pa_env.get("LD_LIBRARY_PATH", "")}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_scaling.py"), "--model-repository",
+                           str(service_repo), "--model", "tiny", "--images", str(images), "--configs", "1x1,1xauto",
+                           "--perf-analyzer", str(peers.perf_analyzer), "--no-alone", "--concurrency", "2",
+                           "--duration", "1", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["kind"], r["cores"], r["workers"], r["concurrency"]) for r in result["rows"]] == [
+        ("server", 1, 1, 2), ("server", 1, 1, 2)]  # auto on 1 core is 1 worker; no runtime-alone rows
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+    assert "usable CPU" in result["machine"]["limits"]
+    assert result["machine"]["onnxruntime"]
