@@ -151,11 +151,12 @@ def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None, affin
     return cpu_limits(root, proc_cgroup, affinity).usable
 
 
-# `imgcls serve --workers auto`: one serving process per this many usable CPUs. Why 4 (docs/scaling.md): per
-# core, a process does best with few cores (issue 16 measured 55 img/s per core at 2 cores, 40 at 6, 29 at 12),
-# but every process holds its own copy of each model and a batch of one runs on its process's threads only, so
-# fewer, larger processes keep memory and single-request latency down. 4 keeps a 2- or 3-CPU pod at one process.
-CPUS_PER_WORKER = 4
+# `imgcls serve --workers auto`: one serving process per this many usable CPUs. Why 2 (docs/scaling.md): on a
+# 16-core machine, six 2-CPU workers on 12 cores did 92-101% per core of one 2-CPU server, three 4-CPU workers
+# 81-91%, one 12-CPU process 49-57%; p99 at 1 client stayed at 20 ms. Each worker holds its own model copy
+# (about 650 MiB for MobileNetV2 on ONNX), so memory grows with the CPUs as it would with 2-CPU pods. A 2- or
+# 3-CPU pod keeps one process.
+CPUS_PER_WORKER = 2
 
 
 def auto_workers(cpus: int) -> int:
