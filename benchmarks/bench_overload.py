@@ -517,9 +517,12 @@ def _free_port() -> int:
 class ServerProcess:
     """`imgcls serve` on free loopback ports, its log in a file; stopped (SIGTERM, then SIGKILL) on close."""
 
-    def __init__(self, repository: Path, serve_args: list[str], log_dir: Path) -> None:
+    def __init__(self, repository: Path, serve_args: list[str], log_dir: Path,
+                 cores: list[int] | None = None) -> None:
         self.port, self.metrics_port = _free_port(), _free_port()
-        self.command = [sys.executable, "-m", "imgcls.cli", "serve", "--model-repository", str(repository),
+        # `taskset` execs the server, so the PID stays the server's; it sizes itself from that affinity.
+        pin = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
+        self.command = [*pin, sys.executable, "-m", "imgcls.cli", "serve", "--model-repository", str(repository),
                         "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                         "--http-port", "0", "--poll-interval", "0", *serve_args]
         self.log_path = log_dir / "serve.log"
@@ -1237,6 +1240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="closed-loop clients pause this long after a refusal, as a real client backs off, so "
                         "fast refusals do not turn into a flood (default 50; 0 = none)")
     p.add_argument("--health-interval", type=float, default=0.05, help="seconds between health probes")
+    p.add_argument("--server-cores", type=_ints, default=None, metavar="LIST",
+                   help="pin the server to these cores (taskset) and the generator to the others, so that neither "
+                        "takes CPU from the other (a machine with spare cores)")
     p.add_argument("--procs", type=int, default=4, help="load generator processes (default 4)")
     p.add_argument("--channels", type=int, default=8, help="connections per generator process (default 8)")
     p.add_argument("--max-outstanding", type=int, default=8000,
@@ -1274,11 +1280,17 @@ def main(argv: list[str] | None = None) -> int:
         server = None
         if args.model_repository:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_overload_")))
-            server = ServerProcess(args.model_repository, args.serve_arg, log_dir)
+            server = ServerProcess(args.model_repository, args.serve_arg, log_dir, args.server_cores)
             stack.callback(server.close)
+            if args.server_cores:  # the generator, its processes and the health prober: on the other cores
+                others = set(os.sched_getaffinity(0)) - set(args.server_cores)
+                if not others:
+                    raise SystemExit("--server-cores: no cores left for the load generator")
+                os.sched_setaffinity(0, others)
+                meta["server_cores"], meta["generator_cores"] = args.server_cores, sorted(others)
             target, metrics_url, pid = (f"127.0.0.1:{server.port}",
                                         f"http://127.0.0.1:{server.metrics_port}/metrics", server.pid)
-            meta["server_command"] = " ".join(server.command[1:])
+            meta["server_command"] = " ".join(c for c in server.command if c != sys.executable)
             meta["server_code"] = server.code_location()
             log(f"started imgcls serve (pid {pid}) on {target}")
         else:
@@ -1287,6 +1299,8 @@ def main(argv: list[str] | None = None) -> int:
                 log("--target: skipping the SIGTERM scenario (it needs a server this benchmark started)")
                 args.scenarios.remove("sigterm")
         wait_serving(target, args.start_timeout, server)
+        if server and args.server_cores:  # what taskset really set, now that it has exec'd the server
+            meta["server_affinity"] = sorted(os.sched_getaffinity(server.pid))
         model = check_model(target, args.model)
         payloads = load_payloads(args.images, args.max_images, model)
         meta.update(target=target, model=model, images=len(payloads), server_pid=pid,

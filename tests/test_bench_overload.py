@@ -112,3 +112,24 @@ def test_bench_overload_interrupted_stops_the_server(service_repo, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core for the server and one for the load")
+def test_bench_overload_pins_server_and_generator_apart(service_repo, tmp_path):
+    """--server-cores: the server runs on those cores only, the generator on the others (on a machine with
+    spare cores neither takes CPU from the other, so the latencies are the server's)."""
+    write_images(tmp_path / "images", count=4)
+    first, *others = sorted(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model-repository", str(service_repo), "--model", "tiny",
+         "--images", str(tmp_path / "images"), "--quick", "--duration", "0.5", "--procs", "1",
+         "--scenarios", "capacity", "--capacity-clients", "1,2", "--server-cores", str(first),
+         "--json", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
+    assert meta["server_affinity"] == [first]
+    assert meta["generator_cores"] == others
+    assert meta["server_command"].startswith(f"taskset -c {first} -m imgcls.cli serve")
+    assert not _alive(meta["server_pid"])
