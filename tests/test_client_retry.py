@@ -223,7 +223,9 @@ def test_a_restart_of_two_and_a_half_seconds_is_not_noticed():
             assert _predict(client).results[0].ok  # sent while nothing listens on the port
             took = time.monotonic() - started
             restart.join()
-        assert 2.4 <= took < 4.5, took  # the channel found the new server within ~1 s of it listening
+        # Worst case by design: a retry sleep of up to the client's 2 s cap began just before the restart at
+        # 2.5 s (it once took 4.52 s on a busy CI machine); gRPC's default reconnect back-off would take 5-6 s.
+        assert 2.4 <= took < 5.0, took
     finally:
         server.stop()
 
