@@ -224,7 +224,7 @@ def test_a_restart_of_two_and_a_half_seconds_is_not_noticed():
             took = time.monotonic() - started
             restart.join()
         # Worst case by design: a retry sleep of up to the client's 2 s cap began just before the restart at
-        # 2.5 s (it once took 4.52 s on a busy CI machine); gRPC's default reconnect back-off would take 5-6 s.
+        # 2.5 s (it once took 4.52 s on a busy CI machine).
         assert 2.4 <= took < 5.0, took
     finally:
         server.stop()
