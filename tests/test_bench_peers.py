@@ -5,6 +5,7 @@ Triton and perf_analyzer are benchmark-only peers in .venv-peers (`make peers-en
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -34,13 +35,17 @@ print(json.dumps(out))
 """
 
 
-def bench_peers_module():
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (they import each other as siblings)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import bench_peers
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return bench_peers
+
+
+def bench_peers_module():
+    return benchmark_module("bench_peers")
 
 
 def peers_or_skip():

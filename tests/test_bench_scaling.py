@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from service_fixtures import write_images
-from test_bench_peers import BENCHMARKS, peers_or_skip
+from test_bench_peers import BENCHMARKS, benchmark_module, peers_or_skip
 
 pytest_plugins = ["service_plugin"]
 
@@ -42,17 +42,8 @@ def test_bench_scaling_measures_each_worker_setting(service_repo, tmp_path):
     assert "| 1 | 2 | 4 |" in proc.stdout  # the markdown table
 
 
-def bench_scaling_module():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_scaling
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return bench_scaling
-
-
 def test_configs_name_cores_and_workers_exactly():
-    parse = bench_scaling_module().parse_configs
+    parse = benchmark_module("bench_scaling").parse_configs
     assert parse("2x1, 12x6,12xauto") == [(2, 1), (12, 6), (12, "auto")]
     for bad in ("12", "x3", "12x", "12x-1", "twox1", "12x3x4"):
         with pytest.raises(argparse.ArgumentTypeError, match="CORESxWORKERS"):
