@@ -118,8 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
           "closed (default: as long as they take, streams included)", None, type=float)
     _flag(serve, "--access-log", "log a line per call (logger imgcls.access; JSON fields with --log-format json)",
           "true", type=_bool, metavar="BOOL")
-    _flag(serve, "--access-log-rate", "most access-log lines per second for successful calls (failed ones are "
-          "always logged; the next line says how many were left out)", 10.0, type=float)
+    _flag(serve, "--access-log-rate", "most access-log lines per second for successful calls, and again for "
+          "refusals under load (other failures are always logged; the next line says how many were left out)",
+          10.0, type=float)
     _flag(serve, "--keepalive-time", "seconds between the server's pings on an idle connection (finds dead "
           "clients); 0 = never", 60.0, type=float)
     _flag(serve, "--grace-period", "seconds calls in flight get to finish after SIGTERM", 30.0, type=float)

@@ -326,7 +326,7 @@ class Core:
             self.access_log.write(lambda: {
                 "method": call.method, "model": name, "version": version, "images": images, "code": call.code.name,
                 "ms": round(seconds * 1000, 2), "batch": max(batches) if batches else None, "peer": call.peer,
-                "trace_id": trace_id}, ok=call.code == grpc.StatusCode.OK)
+                "trace_id": trace_id}, code=call.code.name)
 
     @contextmanager
     def pin(self) -> Iterator[None]:

@@ -30,47 +30,62 @@ log = logging.getLogger("imgcls.access")
 
 @dataclass
 class AccessLog:
-    """One line per call, through the `imgcls.access` logger (JSON fields with `--log-format json`). Calls
-    that failed are always logged; successful ones up to `rate` lines per second (a token bucket), and the
-    next line written says how many were left out meanwhile. rate 0 = successful calls are not logged."""
+    """One line per call, through the `imgcls.access` logger (JSON fields with `--log-format json`).
+
+    Calls that failed are always logged. Successful ones are logged up to `rate` lines per second (a token
+    bucket). Refusals that overload causes (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED)
+    have a bucket of their own at the same rate, at least one line a second: under overload they come by the
+    hundred per second, and a line each cost the server a third of its CPU on 1 core (docs/observability.md).
+    The next line written says how many were left out meanwhile (`suppressed`, `suppressed_refusals`).
+    rate 0 = successful calls are not logged, refusals one line a second."""
 
     rate: float = 10.0
-    _tokens: float = field(init=False)
+    _buckets: dict[str, list[float]] = field(init=False)  # kind -> [tokens, rate]
     _last: float = field(init=False, default_factory=time.monotonic)
-    _suppressed: int = field(init=False, default=0)
+    _suppressed: dict[str, int] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self._tokens = self.rate
+        refusal_rate = max(self.rate, 1.0)
+        self._buckets = {"ok": [self.rate, self.rate], "refused": [refusal_rate, refusal_rate]}
+        self._suppressed = {"ok": 0, "refused": 0}
 
-    def _admit(self, ok: bool) -> int | None:
-        """None = leave this line out; else how many lines were left out before it."""
+    def _admit(self, kind: str) -> dict[str, int] | None:
+        """None = leave this line out; else how many lines of each kind were left out before it."""
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if ok and self._tokens < 1:
-                self._suppressed += 1
-                return None
-            if ok:
-                self._tokens -= 1
-            suppressed, self._suppressed = self._suppressed, 0
-            return suppressed
+            elapsed, self._last = now - self._last, now
+            for bucket in self._buckets.values():
+                bucket[0] = min(bucket[1], bucket[0] + elapsed * bucket[1])
+            bucket = self._buckets.get(kind)
+            if bucket is not None:
+                if bucket[0] < 1:
+                    self._suppressed[kind] += 1
+                    return None
+                bucket[0] -= 1
+            left_out, self._suppressed = self._suppressed, {"ok": 0, "refused": 0}
+            return left_out
 
-    def write(self, fields: dict[str, Any] | Callable[[], dict[str, Any]], ok: bool | None = None) -> None:
+    def write(self, fields: dict[str, Any] | Callable[[], dict[str, Any]], code: str | None = None) -> None:
         """Log one call's line; `fields` may be a function, called only when the line is written (a line left
-        out costs a lock and a counter, nothing more). `ok` defaults to fields["code"] == "OK"."""
-        if ok is None:
+        out costs a lock and a counter, nothing more). `code` (a gRPC status name) defaults to fields["code"]."""
+        if code is None:
             assert isinstance(fields, dict)
-            ok = fields["code"] == "OK"
-        suppressed = self._admit(ok)
+            code = fields["code"]
+        suppressed = self._admit("ok" if code == "OK" else "refused" if code in REFUSAL_CODES else "failed")
         if suppressed is None:
             return
         fields = fields() if callable(fields) else fields
-        if suppressed:
-            fields["suppressed"] = suppressed
+        if suppressed["ok"]:
+            fields["suppressed"] = suppressed["ok"]
+        if suppressed["refused"]:
+            fields["suppressed_refusals"] = suppressed["refused"]
         text = " ".join(f"{k}={v}" for k, v in fields.items() if v not in ("", None))
         log.info("%s", text, extra={"fields": fields})
+
+
+# Status codes of calls turned away or cut short by load, not by what they asked: rate-limited in the access log.
+REFUSAL_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 
 
 # --- tracing ------------------------------------------------------------------------------------------------

@@ -127,6 +127,42 @@ def test_access_log_keeps_failures_and_rate_limits_successes(caplog):
     assert last.fields["suppressed"] == 50 - len(ok)  # ... and say how many successes were
 
 
+def test_access_log_rate_limits_overload_refusals_but_not_other_failures(caplog):
+    """Under overload refusals come by the hundred per second: they get a bucket of their own (so they neither
+    flood the log nor push out the success lines), and the next line says how many were left out."""
+    access = observability.AccessLog(rate=5)
+
+    def line(code: str) -> dict:
+        return {"method": "Predict", "model": "tiny", "version": 2, "images": 1, "code": code, "ms": 1.0}
+
+    with caplog.at_level(logging.INFO, logger="imgcls.access"):
+        for code in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED") * 25:
+            access.write(line(code))
+        for _ in range(3):
+            access.write(line("OK"))  # the refusals used none of the successes' bucket
+        for _ in range(20):
+            access.write(line("INVALID_ARGUMENT"))  # a client's mistake: always logged
+    records = [r for r in caplog.records if r.name == "imgcls.access"]
+    codes = [r.fields["code"] for r in records]
+    refused = [c for c in codes if c not in ("OK", "INVALID_ARGUMENT")]
+    assert 5 <= len(refused) <= 7
+    assert codes.count("OK") == 3 and codes.count("INVALID_ARGUMENT") == 20
+    first_after = records[len(refused)]
+    assert first_after.fields["code"] == "OK"
+    assert first_after.fields["suppressed_refusals"] == 100 - len(refused)
+    assert "suppressed" not in first_after.fields  # no success was left out
+    assert all("suppressed_refusals" not in r.fields for r in records[len(refused) + 1:])
+
+
+def test_access_log_at_rate_zero_still_shows_one_refusal_a_second(caplog):
+    access = observability.AccessLog(rate=0)
+    with caplog.at_level(logging.INFO, logger="imgcls.access"):
+        for code in ("OK", "RESOURCE_EXHAUSTED") * 10:
+            access.write({"method": "Predict", "code": code, "ms": 1.0})
+    codes = [r.fields["code"] for r in caplog.records if r.name == "imgcls.access"]
+    assert codes == ["RESOURCE_EXHAUSTED"]
+
+
 def test_json_log_lines_carry_the_fields():
     formatter = logs.JsonFormatter(worker="2")
     record = logging.LogRecord("imgcls.access", logging.INFO, __file__, 1, "%s", ("Predict tiny OK",), None)
