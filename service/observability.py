@@ -29,42 +29,55 @@ log = logging.getLogger("imgcls.access")
 
 
 @dataclass
+class _LineBudget:
+    """A token bucket of `rate` lines per second, and how many lines it left out since its last line."""
+
+    rate: float
+    tokens: float = field(init=False)
+    last: float = field(init=False, default_factory=time.monotonic)
+    left_out: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokens = self.rate
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            self.left_out += 1
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass
 class AccessLog:
     """One line per call, through the `imgcls.access` logger (JSON fields with `--log-format json`).
 
     Calls that failed are always logged. Successful ones are logged up to `rate` lines per second (a token
     bucket). Refusals that overload causes (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED)
     have a bucket of their own at the same rate, at least one line a second: under overload they come by the
-    hundred per second, and a line each cost the server a third of its CPU on 1 core (docs/observability.md).
-    The next line written says how many were left out meanwhile (`suppressed`, `suppressed_refusals`).
+    hundred per second, and a line each would flood the log pipeline (docs/observability.md). The next line
+    written says how many were left out meanwhile (`suppressed`, `suppressed_refusals`).
     rate 0 = successful calls are not logged, refusals one line a second."""
 
     rate: float = 10.0
-    _buckets: dict[str, list[float]] = field(init=False)  # kind -> [tokens, rate]
-    _last: float = field(init=False, default_factory=time.monotonic)
-    _suppressed: dict[str, int] = field(init=False)
+    _ok: _LineBudget = field(init=False)
+    _refused: _LineBudget = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        refusal_rate = max(self.rate, 1.0)
-        self._buckets = {"ok": [self.rate, self.rate], "refused": [refusal_rate, refusal_rate]}
-        self._suppressed = {"ok": 0, "refused": 0}
+        self._ok, self._refused = _LineBudget(self.rate), _LineBudget(max(self.rate, 1.0))
 
-    def _admit(self, kind: str) -> dict[str, int] | None:
-        """None = leave this line out; else how many lines of each kind were left out before it."""
+    def _admit(self, code: str) -> dict[str, int] | None:
+        """None = leave this line out; else the fields that say what was left out before it."""
+        budget = self._ok if code == "OK" else self._refused if code in REFUSAL_CODES else None
         with self._lock:
-            now = time.monotonic()
-            elapsed, self._last = now - self._last, now
-            for bucket in self._buckets.values():
-                bucket[0] = min(bucket[1], bucket[0] + elapsed * bucket[1])
-            bucket = self._buckets.get(kind)
-            if bucket is not None:
-                if bucket[0] < 1:
-                    self._suppressed[kind] += 1
-                    return None
-                bucket[0] -= 1
-            left_out, self._suppressed = self._suppressed, {"ok": 0, "refused": 0}
-            return left_out
+            if budget is not None and not budget.take(time.monotonic()):
+                return None
+            counts = {"suppressed": self._ok.left_out, "suppressed_refusals": self._refused.left_out}
+            self._ok.left_out = self._refused.left_out = 0
+        return {k: v for k, v in counts.items() if v}
 
     def write(self, fields: dict[str, Any] | Callable[[], dict[str, Any]], code: str | None = None) -> None:
         """Log one call's line; `fields` may be a function, called only when the line is written (a line left
@@ -72,14 +85,11 @@ class AccessLog:
         if code is None:
             assert isinstance(fields, dict)
             code = fields["code"]
-        suppressed = self._admit("ok" if code == "OK" else "refused" if code in REFUSAL_CODES else "failed")
-        if suppressed is None:
+        left_out = self._admit(code)
+        if left_out is None:
             return
         fields = fields() if callable(fields) else fields
-        if suppressed["ok"]:
-            fields["suppressed"] = suppressed["ok"]
-        if suppressed["refused"]:
-            fields["suppressed_refusals"] = suppressed["refused"]
+        fields.update(left_out)
         text = " ".join(f"{k}={v}" for k, v in fields.items() if v not in ("", None))
         log.info("%s", text, extra={"fields": fields})
 
