@@ -28,6 +28,10 @@ from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overload import _proc_cpu_s  # the sibling script's /proc CPU reader
+
 from imgcls.v1 import inference_pb2 as pb
 
 BARE_SERVER = """
@@ -47,12 +51,6 @@ async def main():
     await server.wait_for_termination()
 asyncio.run(main())
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def flood(target: str, request: pb.PredictRequest, calls: int, concurrency: int = 32) -> dict[str, int]:
@@ -94,9 +92,9 @@ def measure(name: str, cmd: list[str], request: pb.PredictRequest, calls: int, c
                 raise SystemExit(f"{name} did not become ready")
             time.sleep(0.5)
         asyncio.run(flood(target, request, max(64, calls // 10)))  # warm-up
-        before, began = cpu_seconds(proc.pid), time.monotonic()
+        before, began = _proc_cpu_s(proc.pid), time.monotonic()
         codes = asyncio.run(flood(target, request, calls))
-        cpu, wall = cpu_seconds(proc.pid) - before, time.monotonic() - began
+        cpu, wall = _proc_cpu_s(proc.pid) - before, time.monotonic() - began
     finally:
         proc.terminate()
         proc.wait(30)
