@@ -157,14 +157,59 @@ def test_split_base_is_the_same_function_with_the_same_trainable_weights(backbon
         w.name not in {v.name for v in split.upper.trainable_weights} for w in split.lower.trainable_weights)
 
 
-@pytest.mark.parametrize("extra,phase2_cut", [([], "block5_conv1"), (["--fine-tune-augment"], None)])
-def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path, extra, phase2_cut):
+def test_cached_views_are_plain_mirrored_then_augmented(tmp_path: Path):
+    """The cache's training views, in the order their labels are repeated: the images, their mirror images,
+    then `augment_views` random augmentations (different from the image, drawn again for each view)."""
+    import tf_keras
+
+    from imgcls.backbones import get_backbone
+    from imgcls.preprocessing import normalize
+    from imgcls.training.train import TrainConfig, _predict_views
+
+    spec = get_backbone("mobilenet_v2").preprocessing(16)
+    model = tf_keras.Sequential([tf_keras.Input((16, 16, 3)), tf_keras.layers.Flatten()])
+    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    out = _predict_views(model, x, spec, TrainConfig(out=tmp_path, augment_views=2), verbose=0)
+    flat = lambda a: normalize(a, spec).reshape(len(a), -1)  # noqa: E731
+    assert out.shape == (20, 16 * 16 * 3)
+    np.testing.assert_allclose(out[:5], flat(x), atol=1e-6)
+    np.testing.assert_allclose(out[5:10], flat(x[:, :, ::-1]), atol=1e-6)
+    for view in (out[10:15], out[15:20]):
+        assert view.min() >= -1.0 - 1e-5 and view.max() <= 1.0 + 1e-5  # still pixels in the model's range
+        assert not np.allclose(view, out[:5], atol=1e-2) and not np.allclose(view, out[5:10], atol=1e-2)
+    assert not np.allclose(out[10:15], out[15:20], atol=1e-2)
+    plain_only = _predict_views(model, x, spec, TrainConfig(out=tmp_path, flip_features=False), verbose=0)
+    np.testing.assert_allclose(plain_only, out[:5], atol=1e-6)
+
+
+def test_mixup_blends_samples_and_labels_alike():
+    from imgcls.training.train import _PixelBatches
+
+    x = (np.arange(8, dtype=np.float32) * 10).reshape(8, 1)
+    y = np.eye(8, dtype=np.float32)
+    plain_x, plain_y = _PixelBatches(x, y, 8, False, 0)[0]
+    np.testing.assert_array_equal(plain_x, x)
+    np.testing.assert_array_equal(plain_y, y)
+    bx, by = _PixelBatches(x, y, 8, False, 0, 0.4)[0]
+    np.testing.assert_allclose(by.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(bx[:, 0], by @ x[:, 0], rtol=1e-5)  # the sample is blended as its label is
+    own = by[np.arange(8), np.arange(8)]
+    assert (own >= 0.5 - 1e-6).all()  # each sample keeps the larger part of its own label
+    assert (own < 0.99).sum() >= 4  # and most are really blended
+
+
+@pytest.mark.parametrize("extra,phase2_cut,samples", [
+    ([], "block5_conv1", 2), (["--fine-tune-augment"], None, 2),
+    (["--augment-views", "2", "--mixup", "0.2"], "block5_conv1", 4)])
+def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path, capsys, extra, phase2_cut, samples):
     out = tmp_path / "ft"
     assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
                  "--weights", "none", "--input-size", "32", "--epochs", "4", "--learning-rate", "0.01",
                  "--fine-tune-layers", "3", "--fine-tune-epochs", "2", "--fine-tune-lr", "1e-4",
                  "--class-weights", "--json", *extra]) == 0
     m = read_manifest(out)
+    n_train = sum(m.dataset["counts"]["train"].values())
+    assert f"cached features ({n_train * samples} samples)" in capsys.readouterr().out
     assert m.training["unfrozen_layers"] == ["block5_conv2", "block5_conv3"]
     assert m.training["activation_cache_cut"] == phase2_cut
     assert m.training["fine_tune_layers"] == 3 and m.training["class_weights"] is True
@@ -186,6 +231,8 @@ def test_augmented_head_phase_without_feature_cache(tmp_path: Path, synthetic_da
 
 @pytest.mark.parametrize("make,args,message", [
     (None, ["--data", "{tmp}/missing"], "does not exist"),
+    ("ok", ["--data", "{tmp}/d", "--augment-views", "-1"], "--augment-views must be 0 or more"),
+    ("ok", ["--data", "{tmp}/d", "--mixup", "-0.5"], "--mixup must be 0 (off) or a positive"),
     ("one_class", ["--data", "{tmp}/d"], "at least two class"),
     ("ok", ["--data", "{tmp}/d", "--backbone", "alexnet"], "unknown backbone 'alexnet'"),
     ("ok", ["--data", "{tmp}/d", "--weights", "{tmp}/nope.h5"], "no such file"),

@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="head phase on backbone features computed once, instead of end to end on images")
     t.add_argument("--flip-features", dest="flip_features", action=argparse.BooleanOptionalAction, default=True,
                    help="add mirrored copies to the cached training features")
+    t.add_argument("--augment-views", type=int, default=0, metavar="N",
+                   help="add N randomly augmented copies (flip, rotation, zoom, contrast) of each training image "
+                        "to the feature/activation cache; each costs one more forward pass over the training set")
+    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="blend pairs of training samples and their labels, weight ~ Beta(ALPHA, ALPHA), in both "
+                        "phases (on cached features/activations: manifold mixup, free); 0: off")
     t.add_argument("--fine-tune-layers", type=int, default=0, metavar="N",
                    help="phase 2: unfreeze the top N base layers (0: head only, no phase 2)")
     t.add_argument("--fine-tune-epochs", type=int, default=10, metavar="N",

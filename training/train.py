@@ -52,6 +52,10 @@ class TrainConfig:
     augment: bool = False  # phase 1 on augmented pixels (no feature cache)
     cache_features: bool = True  # phase 1 on features computed once (only without augmentation)
     flip_features: bool = True  # also cache features of mirrored training images
+    # Extra randomly augmented copies (the --augment layers) of each training image in the cache: drawn once,
+    # so each costs one more forward pass per image in all rather than one per epoch.
+    augment_views: int = 0
+    mixup: float = 0.0  # Beta(alpha, alpha) blending of training samples in both phases (0: off)
     fine_tune_layers: int = 0  # phase 2 off unless > 0
     fine_tune_epochs: int = 10
     fine_tune_lr: float = 1e-5
@@ -82,15 +86,19 @@ def flowers_dir() -> Path:
 
 
 class _PixelBatches:
-    """Shuffled batches of uint8 pixels as float32 0..255 (augmentation and normalization run in-graph)."""
+    """Shuffled batches of uint8 pixels as float32 0..255 (augmentation and normalization run in-graph), or of
+    cached features/activations; with `mixup` > 0 each sample is blended with another of its batch (weight
+    drawn from Beta(mixup, mixup), labels blended alike): mixup (Zhang et al. 2018), or manifold mixup
+    (Verma et al. 2019) on cached activations, where it costs nothing and stops the memorizing that
+    cached views invite."""
 
     def __new__(cls, *args, **kwargs):
         import tf_keras
 
         class Seq(tf_keras.utils.Sequence):
-            def __init__(self, x, y, batch_size, shuffle, seed):
+            def __init__(self, x, y, batch_size, shuffle, seed, mixup=0.0):
                 super().__init__()
-                self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+                self.x, self.y, self.batch_size, self.shuffle, self.mixup = x, y, batch_size, shuffle, mixup
                 self.rng = np.random.default_rng(seed)
                 self.order = np.arange(len(x))
                 if shuffle:
@@ -101,7 +109,14 @@ class _PixelBatches:
 
             def __getitem__(self, i):
                 idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-                return self.x[idx].astype(np.float32), self.y[idx]
+                x, y = self.x[idx].astype(np.float32), self.y[idx]
+                if self.mixup > 0 and len(idx) > 1:
+                    lam = self.rng.beta(self.mixup, self.mixup, len(idx)).astype(np.float32)
+                    lam = np.maximum(lam, 1 - lam)  # the sample's own label stays the larger part
+                    other = self.rng.permutation(len(idx))
+                    x = lam.reshape(-1, *[1] * (x.ndim - 1)) * x + (1 - lam.reshape(-1, *[1] * (x.ndim - 1))) * x[other]
+                    y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
+                return x, y
 
             def on_epoch_end(self):
                 if self.shuffle:
@@ -165,6 +180,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ImgclsError(f"{backbone.name} needs --input-size of at least {backbone.min_input_size}")
     if cfg.epochs < 1:
         raise ImgclsError("--epochs must be at least 1")
+    if cfg.augment_views < 0:
+        raise ImgclsError("--augment-views must be 0 or more")
+    if cfg.mixup < 0:
+        raise ImgclsError("--mixup must be 0 (off) or a positive Beta parameter such as 0.2")
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         raise ImgclsError(f"--weights {cfg.weights}: no such file (use imagenet, none or a weights file)")
     spec = backbone.preprocessing(size)
@@ -199,7 +218,7 @@ def train(cfg: TrainConfig) -> dict:
     verbose = 2 if cfg.progress else 0
     use_cache = cfg.cache_features and not cfg.augment
     split = _activation_split(models, cfg) if use_cache and cfg.fine_tune_layers > 0 else None
-    n_views = 2 if cfg.flip_features else 1
+    n_views = (2 if cfg.flip_features else 1) + cfg.augment_views
     labels_tr = np.concatenate([y_tr] * n_views) if use_cache else y_tr
     cache_limit = cfg.activation_cache_gb * 2**30
     if split is not None and _activation_bytes(split, len(x_tr) * n_views + len(x_va)) > cache_limit:
@@ -214,22 +233,23 @@ def train(cfg: TrainConfig) -> dict:
             est = _activation_bytes(split, len(x_tr) * n_views + len(x_va))
             print(f"phase 1: computing activations at {split.cut} {split.activation_shape} once "
                   f"({est / 2**20:.0f} MiB; both phases train on them)", flush=True)
-            acts_tr = _predict_views(split.lower, x_tr, spec, n_views, verbose)
+            acts_tr = _predict_views(split.lower, x_tr, spec, cfg, verbose)
             acts_va = split.lower.predict(normalize(x_va, spec), batch_size=64, verbose=0)
             feats_tr = split.features.predict(acts_tr, batch_size=256, verbose=0)
             feats_va = split.features.predict(acts_va, batch_size=256, verbose=0)
         else:
             print(f"phase 1: computing {backbone.name} features once (cached-feature head training)", flush=True)
             extractor = model_mod.feature_extractor(models)
-            feats_tr = _predict_views(extractor, x_tr, spec, n_views, verbose)
+            feats_tr = _predict_views(extractor, x_tr, spec, cfg, verbose)
             feats_va = extractor.predict(normalize(x_va, spec), batch_size=64, verbose=0)
         timings["feature_extraction_s"] = time.perf_counter() - t0
         models.head.compile(tf_keras.optimizers.Adam(cfg.learning_rate), loss, metrics=["accuracy"])
         print(f"phase 1: training the head on cached features ({len(feats_tr)} samples)", flush=True)
         h = models.head.fit(
-            feats_tr, _one_hot(labels_tr, c), validation_data=(feats_va, _one_hot(y_va, c)),
-            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=verbose,
-            callbacks=_callbacks(work, "phase1", cfg.patience), shuffle=True,
+            **_train_data(feats_tr, _one_hot(labels_tr, c), cfg, cfg.seed),
+            validation_data=(feats_va, _one_hot(y_va, c)),
+            epochs=cfg.epochs, class_weight=cw, verbose=verbose,
+            callbacks=_callbacks(work, "phase1", cfg.patience),
         )
     else:
         augment = model_mod.augmentation(cfg.seed) if cfg.augment else None
@@ -237,7 +257,7 @@ def train(cfg: TrainConfig) -> dict:
         trainer.compile(tf_keras.optimizers.Adam(cfg.learning_rate), loss, metrics=["accuracy"])
         print("phase 1: training the head end to end" + (" with augmentation" if augment else ""), flush=True)
         h = trainer.fit(
-            _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed),
+            _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed, cfg.mixup),
             validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
             epochs=cfg.epochs, class_weight=cw, verbose=verbose,
             callbacks=_callbacks(work, "phase1", cfg.patience),
@@ -257,9 +277,10 @@ def train(cfg: TrainConfig) -> dict:
         if split is not None:
             split.upper.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
             h2 = split.upper.fit(
-                acts_tr, _one_hot(labels_tr, c), validation_data=(acts_va, _one_hot(y_va, c)),
-                epochs=cfg.fine_tune_epochs, batch_size=cfg.batch_size, class_weight=cw, verbose=verbose,
-                callbacks=_callbacks(work, "phase2", cfg.patience), shuffle=True,
+                **_train_data(acts_tr, _one_hot(labels_tr, c), cfg, cfg.seed + 1),
+                validation_data=(acts_va, _one_hot(y_va, c)),
+                epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
+                callbacks=_callbacks(work, "phase2", cfg.patience),
             )
             del acts_tr, acts_va
         else:
@@ -267,7 +288,7 @@ def train(cfg: TrainConfig) -> dict:
             trainer = model_mod.training_model(models, spec, augment)
             trainer.compile(tf_keras.optimizers.Adam(cfg.fine_tune_lr), loss, metrics=["accuracy"])
             h2 = trainer.fit(
-                _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1),
+                _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1, cfg.mixup),
                 validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
                 epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
                 callbacks=_callbacks(work, "phase2", cfg.patience),
@@ -337,12 +358,34 @@ def train(cfg: TrainConfig) -> dict:
             "skipped": len(dataset.skipped), "counts": manifest.dataset["counts"]}
 
 
-def _predict_views(model, x: np.ndarray, spec: PreprocessingSpec, n_views: int, verbose: int) -> np.ndarray:
-    """Outputs for the images and, with two views, their mirror images (the cached-feature augmentation)."""
+def _train_data(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, seed: int) -> dict:
+    """`fit` arguments for cached training samples: the arrays themselves (Keras shuffles and batches them),
+    or, with mixup, a Sequence that blends each batch."""
+    if cfg.mixup > 0:
+        return {"x": _PixelBatches(x, y, cfg.batch_size, True, seed, cfg.mixup)}
+    return {"x": x, "y": y, "batch_size": cfg.batch_size, "shuffle": True}
+
+
+def _predict_views(model, x: np.ndarray, spec: PreprocessingSpec, cfg: TrainConfig, verbose: int) -> np.ndarray:
+    """Outputs for the images, their mirror images (`flip_features`) and `augment_views` randomly augmented
+    copies, in that order (the cached-feature augmentation; labels repeat in the same order)."""
     outs = [model.predict(normalize(x, spec), batch_size=64, verbose=verbose)]
-    if n_views == 2:
+    if cfg.flip_features:
         outs.append(model.predict(normalize(x[:, :, ::-1], spec), batch_size=64, verbose=verbose))
+    for view in range(cfg.augment_views):
+        outs.append(_augmented_model(model, spec, cfg.seed + 100 + 10 * view).predict(
+            _PixelBatches(x, np.zeros(len(x), np.float32), 64, False, cfg.seed), verbose=verbose))
     return np.concatenate(outs)
+
+
+def _augmented_model(model, spec: PreprocessingSpec, seed: int):
+    """0..255 pixels -> random flip/rotation/zoom/contrast (on in predict too) -> normalization -> `model`."""
+    import tf_keras
+
+    inputs = tf_keras.Input(model.input_shape[1:], name="pixels")
+    x = model_mod.augmentation(seed)(inputs, training=True)
+    x = model_mod.Normalize(spec.to_dict(), name="normalize")(x)
+    return tf_keras.Model(inputs, model(x))
 
 
 def _activation_bytes(split: model_mod.SplitBase, n: int) -> int:
