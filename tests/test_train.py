@@ -198,9 +198,27 @@ def test_mixup_blends_samples_and_labels_alike():
     assert (own < 0.99).sum() >= 4  # and most are really blended
 
 
+def test_weight_average_keeps_the_mean_of_the_last_epochs():
+    import tf_keras
+
+    from imgcls.training.train import _weight_average
+
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(3)])
+    model.compile(tf_keras.optimizers.SGD(0.1), "mse")
+    seen: list[list[np.ndarray]] = []
+    record = tf_keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append([v.numpy() for v in model.trainable_weights]))
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    model.fit(x, x[:, :3] * 2, epochs=4, batch_size=8, verbose=0, callbacks=[record, _weight_average(2)])
+    assert len(seen) == 4 and not np.allclose(seen[2][0], seen[3][0])
+    for v, third, fourth in zip(model.trainable_weights, seen[2], seen[3], strict=True):
+        np.testing.assert_allclose(v.numpy(), (third + fourth) / 2, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("extra,phase2_cut,samples", [
     ([], "block5_conv1", 2), (["--fine-tune-augment"], None, 2),
-    (["--augment-views", "2", "--mixup", "0.2"], "block5_conv1", 4)])
+    (["--augment-views", "2", "--mixup", "0.2", "--fine-tune-average", "2"], "block5_conv1", 4)])
 def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path, capsys, extra, phase2_cut, samples):
     out = tmp_path / "ft"
     assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
@@ -209,7 +227,9 @@ def test_fine_tune_phase_end_to_end(tmp_path: Path, synthetic_data: Path, capsys
                  "--class-weights", "--json", *extra]) == 0
     m = read_manifest(out)
     n_train = sum(m.dataset["counts"]["train"].values())
-    assert f"cached features ({n_train * samples} samples)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"cached features ({n_train * samples} samples)" in printed
+    assert ("kept the mean of the weights of epochs 1-2" in printed) == ("--fine-tune-average" in extra)
     assert m.training["unfrozen_layers"] == ["block5_conv2", "block5_conv3"]
     assert m.training["activation_cache_cut"] == phase2_cut
     assert m.training["fine_tune_layers"] == 3 and m.training["class_weights"] is True
@@ -233,6 +253,7 @@ def test_augmented_head_phase_without_feature_cache(tmp_path: Path, synthetic_da
     (None, ["--data", "{tmp}/missing"], "does not exist"),
     ("ok", ["--data", "{tmp}/d", "--augment-views", "-1"], "--augment-views must be 0 or more"),
     ("ok", ["--data", "{tmp}/d", "--mixup", "-0.5"], "--mixup must be 0 (off) or a positive"),
+    ("ok", ["--data", "{tmp}/d", "--fine-tune-average", "-1"], "--fine-tune-average must be 0 (off)"),
     ("one_class", ["--data", "{tmp}/d"], "at least two class"),
     ("ok", ["--data", "{tmp}/d", "--backbone", "alexnet"], "unknown backbone 'alexnet'"),
     ("ok", ["--data", "{tmp}/d", "--weights", "{tmp}/nope.h5"], "no such file"),

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fine-tune-epochs", type=int, default=10, metavar="N",
                    help="phase-2 epochs (early stopping on val loss)")
     t.add_argument("--fine-tune-lr", type=float, default=1e-5, metavar="LR", help="phase-2 learning rate (Adam)")
+    t.add_argument("--fine-tune-average", type=int, default=0, metavar="N",
+                   help="keep the mean of the last N phase-2 epochs' weights (stochastic weight averaging; "
+                        "every epoch runs) instead of the epoch with the best validation loss; 0: off")
     t.add_argument("--fine-tune-augment", action="store_true",
                    help="fine-tune on randomly augmented images (slow on a CPU: a full forward pass per image "
                         "per epoch) instead of on activations cached below the unfrozen layers")

@@ -56,6 +56,9 @@ class TrainConfig:
     # so each costs one more forward pass per image in all rather than one per epoch.
     augment_views: int = 0
     mixup: float = 0.0  # Beta(alpha, alpha) blending of training samples in both phases (0: off)
+    # Phase 2 keeps the mean of its last N epochs' weights (stochastic weight averaging) instead of the epoch
+    # with the best validation loss; all epochs run. 0: early stopping picks one epoch.
+    fine_tune_average: int = 0
     fine_tune_layers: int = 0  # phase 2 off unless > 0
     fine_tune_epochs: int = 10
     fine_tune_lr: float = 1e-5
@@ -125,20 +128,53 @@ class _PixelBatches:
         return Seq(*args, **kwargs)
 
 
+def _weight_average(start_epoch: int):
+    """A callback keeping the running mean of the trainable weights from epoch `start_epoch` (0-based) on and
+    putting it in the model when training ends (SWA, Izmailov et al. 2018). BatchNorm is frozen in phase 2,
+    so the averaged network needs no statistics pass."""
+    import tf_keras
+
+    class WeightAverage(tf_keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+            self.mean: list[np.ndarray] | None = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch < start_epoch:
+                return
+            weights = [v.numpy() for v in self.model.trainable_weights]
+            self.count += 1
+            self.mean = weights if self.mean is None else [
+                m + (w - m) / self.count for m, w in zip(self.mean, weights, strict=True)]
+
+        def on_train_end(self, logs=None):
+            if self.mean is not None:
+                for v, m in zip(self.model.trainable_weights, self.mean, strict=True):
+                    v.assign(m)
+
+    return WeightAverage()
+
+
 def _one_hot(y: np.ndarray, c: int) -> np.ndarray:
     return np.eye(c, dtype=np.float32)[y]
 
 
-def _callbacks(work: Path, phase: str, patience: int):
+def _callbacks(work: Path, phase: str, patience: int, average: tuple[int, int] | None = None):
+    """Checkpoint, early stopping (or, with `average` = (epochs, last N), weight averaging), logs."""
     import tf_keras
 
     (work / "checkpoints").mkdir(exist_ok=True)
+    if average is None:
+        choose = tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    else:
+        choose = _weight_average(start_epoch=max(0, average[0] - average[1]))
     return [
         tf_keras.callbacks.ModelCheckpoint(
             str(work / "checkpoints" / f"{phase}_best.weights.h5"), monitor="val_loss",
             save_best_only=True, save_weights_only=True,
         ),
-        tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+        choose,
         tf_keras.callbacks.CSVLogger(str(work / f"history_{phase}.csv")),
         tf_keras.callbacks.TensorBoard(log_dir=str(work / "logs" / phase), histogram_freq=0, write_graph=False,
                                        profile_batch=0),
@@ -182,6 +218,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ImgclsError("--epochs must be at least 1")
     if cfg.augment_views < 0:
         raise ImgclsError("--augment-views must be 0 or more")
+    if cfg.fine_tune_average < 0:
+        raise ImgclsError("--fine-tune-average must be 0 (off) or a number of epochs")
     if cfg.mixup < 0:
         raise ImgclsError("--mixup must be 0 (off) or a positive Beta parameter such as 0.2")
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
@@ -270,6 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fine_tune_layers > 0:
         t1 = time.perf_counter()
         unfrozen = model_mod.unfreeze_top(models, cfg.fine_tune_layers)
+        average = (cfg.fine_tune_epochs, cfg.fine_tune_average) if cfg.fine_tune_average > 0 else None
         where = f"cached activations at {split.cut}" if split is not None else (
             "augmented images" if cfg.fine_tune_augment else "images")
         print(f"phase 2: fine-tuning the top {cfg.fine_tune_layers} base layers ({len(unfrozen)} with weights, "
@@ -280,8 +319,10 @@ def train(cfg: TrainConfig) -> dict:
                 **_train_data(acts_tr, _one_hot(labels_tr, c), cfg, cfg.seed + 1),
                 validation_data=(acts_va, _one_hot(y_va, c)),
                 epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
-                callbacks=_callbacks(work, "phase2", cfg.patience),
+                callbacks=_callbacks(work, "phase2", cfg.patience, average),
             )
+            if average:
+                _report_average(split.upper.evaluate(acts_va, _one_hot(y_va, c), verbose=0), cfg)
             del acts_tr, acts_va
         else:
             augment = model_mod.augmentation(cfg.seed + 10) if cfg.fine_tune_augment else None
@@ -291,8 +332,11 @@ def train(cfg: TrainConfig) -> dict:
                 _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1, cfg.mixup),
                 validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
                 epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
-                callbacks=_callbacks(work, "phase2", cfg.patience),
+                callbacks=_callbacks(work, "phase2", cfg.patience, average),
             )
+            if average:
+                _report_average(trainer.evaluate(_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
+                                                 verbose=0), cfg)
         history.append(("fine-tune", h2.history))
         timings["phase2_s"] = time.perf_counter() - t1
 
@@ -356,6 +400,12 @@ def train(cfg: TrainConfig) -> dict:
     print(f"\nbundle: {out}\nplots:  {out / 'plots'}\nwall time: {timings['total_s']:.1f} s")
     return {"bundle": str(out), "test_accuracy": report["accuracy"], "timings": timings,
             "skipped": len(dataset.skipped), "counts": manifest.dataset["counts"]}
+
+
+def _report_average(scores: list[float], cfg: TrainConfig) -> None:
+    first = max(1, cfg.fine_tune_epochs - cfg.fine_tune_average + 1)
+    print(f"phase 2: kept the mean of the weights of epochs {first}-{cfg.fine_tune_epochs}: "
+          f"val_loss {scores[0]:.4f}, val_accuracy {scores[1]:.4f}", flush=True)
 
 
 def _train_data(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, seed: int) -> dict:
