@@ -80,6 +80,23 @@ def test_evaluate_on_other_folder_and_unknown_class(tiny_bundle: Path, tmp_path:
     assert "class_7" in capsys.readouterr().err
 
 
+def test_split_seed_fixes_the_split_while_seed_varies_training(tiny_bundle: Path, synthetic_data: Path,
+                                                               tmp_path: Path):
+    out = tmp_path / "other-seed"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(out), "--backbone", "vgg16",
+                 "--weights", "none", "--input-size", "32", "--epochs", "1", "--seed", "7", "--split-seed", "1",
+                 "--json"]) == 0
+    tiny = read_manifest(tiny_bundle).training
+    assert tiny["seed"] == 1 and tiny["split_seed"] is None
+    assert read_manifest(out).training["seed"] == 7 and read_manifest(out).training["split_seed"] == 1
+    split = json.loads((out / "split.json").read_text())
+    assert split == json.loads((tiny_bundle / "split.json").read_text())  # the tiny bundle's split: seed 1
+    no_split_seed = tmp_path / "seed-7"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(no_split_seed), "--backbone", "vgg16",
+                 "--weights", "none", "--input-size", "32", "--epochs", "1", "--seed", "7", "--json"]) == 0
+    assert json.loads((no_split_seed / "split.json").read_text())["train"] != split["train"]
+
+
 def test_refuses_to_overwrite_a_bundle(tiny_bundle: Path, synthetic_data: Path, capsys):
     before = (tiny_bundle / "manifest.json").read_bytes()
     assert main(["train", "--data", str(synthetic_data), "--out", str(tiny_bundle), "--weights", "none"]) == 2

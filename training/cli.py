@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
                    help="label smoothing of the cross-entropy loss (0: none)")
     t.add_argument("--seed", type=int, default=42, metavar="N", help="seed for the split, initialisation and shuffling")
+    t.add_argument("--split-seed", type=int, default=None, metavar="N",
+                   help="seed for the train/val/test split alone (default: --seed); keep it fixed and vary "
+                        "--seed to see how much a recipe's accuracy moves with initialisation and shuffling")
     t.add_argument("--val-fraction", type=float, default=0.15, metavar="F",
                    help="share of each class held out for validation (early stopping), when not pre-split")
     t.add_argument("--test-fraction", type=float, default=0.15, metavar="F",

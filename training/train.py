@@ -46,6 +46,7 @@ class TrainConfig:
     hidden_units: int = 0
     label_smoothing: float = 0.0
     seed: int = 42
+    split_seed: int | None = None  # the train/val/test split's own seed (None: `seed`), to vary only training
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     class_weights: bool = False
@@ -229,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 1. Scan and decode everything first: bad files are listed now, never a crash mid-epoch.
     dataset = data_mod.scan(data_root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                            seed=cfg.seed)
+                            seed=cfg.seed if cfg.split_seed is None else cfg.split_seed)
     names = dataset.class_names
     c = len(names)
     if len(dataset.splits["val"]) == 0:
