@@ -118,7 +118,8 @@ class _PixelBatches:
                     lam = self.rng.beta(self.mixup, self.mixup, len(idx)).astype(np.float32)
                     lam = np.maximum(lam, 1 - lam)  # the sample's own label stays the larger part
                     other = self.rng.permutation(len(idx))
-                    x = lam.reshape(-1, *[1] * (x.ndim - 1)) * x + (1 - lam.reshape(-1, *[1] * (x.ndim - 1))) * x[other]
+                    w = lam.reshape(-1, *[1] * (x.ndim - 1))
+                    x = w * x + (1 - w) * x[other]
                     y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
                 return x, y
 
@@ -161,15 +162,15 @@ def _one_hot(y: np.ndarray, c: int) -> np.ndarray:
     return np.eye(c, dtype=np.float32)[y]
 
 
-def _callbacks(work: Path, phase: str, patience: int, average: tuple[int, int] | None = None):
-    """Checkpoint, early stopping (or, with `average` = (epochs, last N), weight averaging), logs."""
+def _callbacks(work: Path, phase: str, patience: int, average_from: int | None = None):
+    """Checkpoint, early stopping (or weight averaging from 0-based epoch `average_from` on), logs."""
     import tf_keras
 
     (work / "checkpoints").mkdir(exist_ok=True)
-    if average is None:
+    if average_from is None:
         choose = tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     else:
-        choose = _weight_average(start_epoch=max(0, average[0] - average[1]))
+        choose = _weight_average(average_from)
     return [
         tf_keras.callbacks.ModelCheckpoint(
             str(work / "checkpoints" / f"{phase}_best.weights.h5"), monitor="val_loss",
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fine_tune_layers > 0:
         t1 = time.perf_counter()
         unfrozen = model_mod.unfreeze_top(models, cfg.fine_tune_layers)
-        average = (cfg.fine_tune_epochs, cfg.fine_tune_average) if cfg.fine_tune_average > 0 else None
+        average_from = max(0, cfg.fine_tune_epochs - cfg.fine_tune_average) if cfg.fine_tune_average > 0 else None
         where = f"cached activations at {split.cut}" if split is not None else (
             "augmented images" if cfg.fine_tune_augment else "images")
         print(f"phase 2: fine-tuning the top {cfg.fine_tune_layers} base layers ({len(unfrozen)} with weights, "
@@ -320,9 +321,9 @@ def train(cfg: TrainConfig) -> dict:
                 **_train_data(acts_tr, _one_hot(labels_tr, c), cfg, cfg.seed + 1),
                 validation_data=(acts_va, _one_hot(y_va, c)),
                 epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
-                callbacks=_callbacks(work, "phase2", cfg.patience, average),
+                callbacks=_callbacks(work, "phase2", cfg.patience, average_from),
             )
-            if average:
+            if average_from is not None:
                 _report_average(split.upper.evaluate(acts_va, _one_hot(y_va, c), verbose=0), cfg)
             del acts_tr, acts_va
         else:
@@ -333,9 +334,9 @@ def train(cfg: TrainConfig) -> dict:
                 _PixelBatches(x_tr, _one_hot(y_tr, c), cfg.batch_size, True, cfg.seed + 1, cfg.mixup),
                 validation_data=_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
                 epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
-                callbacks=_callbacks(work, "phase2", cfg.patience, average),
+                callbacks=_callbacks(work, "phase2", cfg.patience, average_from),
             )
-            if average:
+            if average_from is not None:
                 _report_average(trainer.evaluate(_PixelBatches(x_va, _one_hot(y_va, c), 64, False, cfg.seed),
                                                  verbose=0), cfg)
         history.append(("fine-tune", h2.history))
@@ -404,7 +405,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _report_average(scores: list[float], cfg: TrainConfig) -> None:
-    first = max(1, cfg.fine_tune_epochs - cfg.fine_tune_average + 1)
+    first = max(0, cfg.fine_tune_epochs - cfg.fine_tune_average) + 1
     print(f"phase 2: kept the mean of the weights of epochs {first}-{cfg.fine_tune_epochs}: "
           f"val_loss {scores[0]:.4f}, val_accuracy {scores[1]:.4f}", flush=True)
 
