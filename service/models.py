@@ -253,8 +253,10 @@ class ModelManager:
             repository.verify_checksum(entry.folder, artifact)
         plan = plan_instances(fmt, cfg.inference_threads, cfg.instances)
         instances = []  # one runtime each: a TFLite interpreter is not safe to share between threads
-        for n_threads in plan.runtime_threads:
-            runtime = runtimes.load_runtime(entry.folder, artifact, n_threads)
+        for i, n_threads in enumerate(plan.runtime_threads):
+            # the lone-batch runtime runs while nothing else computes: its threads may spin within a run
+            lone = bool(plan.solo_threads) and i == plan.count
+            runtime = runtimes.load_runtime(entry.folder, artifact, n_threads, spin=lone)
             if self.runtime_hook is not None:
                 runtime = self.runtime_hook(entry, runtime)
             instances.append(runtime)

@@ -415,6 +415,23 @@ def test_server_with_two_instances_answers_like_the_model(service_repo, runtime,
     assert any("2 instance(s) x 1 thread(s), 2 threads for a lone batch" in r.getMessage() for r in caplog.records)
 
 
+def test_only_the_lone_batch_runtime_spins(service_repo):
+    """On 2 inference threads: two single-threaded instances that never spin, and the two-threaded runtime
+    for lone batches, whose threads spin within a run (imgcls.runtimes.OnnxRuntime)."""
+    loaded = []
+
+    def hook(entry, runtime):
+        loaded.append(runtime)
+        return runtime
+
+    with running_server(service_repo, runtime_hook=hook, inference_threads=2, model_runtimes={"tiny": "onnx"}):
+        pass
+    key = "session.intra_op.allow_spinning"
+    by_model = [r.session.get_session_options() for r in loaded if r.session.get_inputs()[0].shape[1] == 32]
+    assert [o.intra_op_num_threads for o in by_model] == [1, 1, 2]
+    assert [o.get_session_config_entry(key) for o in by_model] == ["0", "0", "1"]
+
+
 def test_expected_done_counts_the_last_batch_on_one_instance():
     """Admission's estimate: the work ahead is shared by the instances, the batch holding the new images is not."""
     one = Batcher(lambda b: b, max_batch_size=32, max_queue_delay=0.0, max_queue_size=64)

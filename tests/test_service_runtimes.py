@@ -63,6 +63,64 @@ def test_serving_runs_onnx_in_bounded_chunks(service_repo, expected):
     assert sizes == [4, 3]
 
 
+_SPIN_PROBE = r"""
+import json, sys, time
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from imgcls.runtimes import OnnxRuntime
+
+path = sys.argv[1]
+rng = np.random.default_rng(0)
+weights = [numpy_helper.from_array((rng.standard_normal((256, 256)) / 16).astype(np.float32), f"w{i}")
+           for i in range(12)]
+nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in range(12)]
+graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+                          [helper.make_tensor_value_info("h11", TensorProto.FLOAT, [None, 256])], weights)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+model.ir_version = 8
+onnx.save(model, path)
+x = np.ones((256, 256), np.float32)
+
+def busy_after_run(run):
+    for _ in range(3):
+        run()
+    start = time.process_time()
+    time.sleep(0.3)
+    return time.process_time() - start
+
+options = ort.SessionOptions()  # onnxruntime's own defaults: threads spin, and go on spinning after a run
+options.intra_op_num_threads = 2
+control = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+spinning, sleeping = OnnxRuntime(path, 2, spin=True), OnnxRuntime(path, 2)
+print(json.dumps({
+    "control": busy_after_run(lambda: control.run(None, {"x": x})),
+    "spin": busy_after_run(lambda: spinning.run(x)),
+    "sleep": busy_after_run(lambda: sleeping.run(x)),
+    "entries": [[r.session.get_session_options().get_session_config_entry(k)
+                 for k in ("session.intra_op.allow_spinning", "session.force_spinning_stop")]
+                for r in (spinning, sleeping, OnnxRuntime(path, 1, spin=True))],
+}))
+"""
+
+
+def test_spinning_runtime_stops_spinning_when_its_run_returns(tmp_path):
+    """`spin=True` (the server's lone-batch runtime) lets onnxruntime's threads spin between operators but not
+    after the run: an idle server must not burn a core. onnxruntime's own default does keep spinning, which
+    shows the measurement can see it. In a fresh process, so no other thread of the test run is counted."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE, str(tmp_path / "chain.onnx")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    got = json.loads(out)
+    assert got["entries"] == [["1", "1"], ["0", "1"], ["0", "1"]]  # one thread: nothing to spin
+    assert got["control"] > 0.03, got  # of 0.3 s idle (measured: 0.09)
+    assert got["spin"] < 0.01 and got["sleep"] < 0.01, got  # measured: under 0.0001
+
+
 @pytest.mark.slow
 def test_savedmodel_runtime(service_repo, expected):
     """Imports TensorFlow (only this runtime does): checked in a fresh process via the server elsewhere."""
