@@ -13,6 +13,10 @@ Part 1 (ONNX): throughput at batch 1, 4 and 16 for
   D `threads` sessions of `threads` threads each, one caller each.
 Part 2 (ONNX and TFLite, each in a fresh process so resident memory is its own): memory after a warm-up up to
 batch 32 and throughput at batch 16, with whole batches and with chunks of 8, 4 and 1.
+Part 3 (ONNX, the lone-batch runtime): batch-1 latency of one session with `threads` threads whose threads
+sleep between operators or spin within a run (`OnnxRuntime(spin=True)`), each call after a 4 ms pause as a
+lone client's requests arrive (decoding in between), and the CPU the process uses in the 0.3 s after a run.
+`--parts 3` runs only that part.
 """
 
 from __future__ import annotations
@@ -85,6 +89,36 @@ def part1(model: Path, threads: int, duration: float) -> list[dict]:
     return rows
 
 
+def part3(model: Path, threads: int, rounds: int = 3, calls: int = 150) -> list[dict]:
+    manifest = read_manifest(model)
+    artifact = manifest.artifact("onnx")
+    if artifact is None:
+        raise SystemExit(f"{model}: no ONNX artifact")
+    h, w = manifest.preprocessing.input_size
+    x = np.random.default_rng(0).random((1, h, w, 3), dtype=np.float32)
+    runtimes = {"sleep": open_runtime("onnx", model / artifact.file, threads),
+                "spin": open_runtime("onnx", model / artifact.file, threads, spin=True)}
+    rows = []
+    for r in range(rounds):  # alternated, so that a drift of the machine's speed hits both alike
+        for name, runtime in runtimes.items():
+            for _ in range(10):
+                runtime.run(x)
+            times = []
+            for _ in range(calls):
+                time.sleep(0.004)
+                start = time.perf_counter()
+                runtime.run(x)
+                times.append(time.perf_counter() - start)
+            cpu = time.process_time()
+            time.sleep(0.3)
+            row = {"round": r + 1, "threads": name, "p50_ms": round(float(np.median(times)) * 1000, 2),
+                   "p99_ms": round(float(np.percentile(times, 99)) * 1000, 2),
+                   "cpu_after_run_ms": round((time.process_time() - cpu) * 1000, 1)}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
 def part2_one(model: Path, fmt: str, threads: int, chunk: int | None, duration: float) -> dict:
     """In this process: a runtime with `chunk`, warmed up to batch 32, then timed at batch 16."""
     manifest = read_manifest(model)
@@ -122,23 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="the inference threads to spend (default 2)")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
     parser.add_argument("--one", nargs=3, metavar=("FORMAT", "THREADS", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         fmt, threads, chunk = args.one[0], int(args.one[1]), int(args.one[2]) or None
         print(json.dumps(part2_one(args.model, fmt, threads, chunk, args.duration)))
         return 0
-    result = {"threads": args.threads, "layouts": part1(args.model, args.threads, args.duration),
-              "chunks": part2(args.model, args.threads, args.duration)}
+    parts = {p.strip() for p in args.parts.split(",")}
+    result: dict = {"threads": args.threads}
     t = args.threads
-    print(f"| batch | A: 1 session x {t} threads | B: {t} x 1 thread | C: 1 x {t}, {t} callers | D: {t} x {t} |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in result["layouts"]:
-        print(f"| {r['batch']} | {r['A']} | {r['B']} | {r['C']} | {r['D']} |")
-    print("\n| runtime | threads | chunk | memory after warm-up | img/s at batch 16 |\n|---|---:|---:|---:|---:|")
-    for r in result["chunks"]:
-        print(f"| {r['format']} | {r['threads']} | {r['chunk'] or 'whole'} | +{r['memory_mib']} MiB "
-              f"| {r['images_per_s']} |")
+    if "1" in parts:
+        result["layouts"] = part1(args.model, args.threads, args.duration)
+        print(f"| batch | A: 1 session x {t} threads | B: {t} x 1 thread | C: 1 x {t}, {t} callers | D: {t} x {t} |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in result["layouts"]:
+            print(f"| {r['batch']} | {r['A']} | {r['B']} | {r['C']} | {r['D']} |")
+    if "2" in parts:
+        result["chunks"] = part2(args.model, args.threads, args.duration)
+        print("\n| runtime | threads | chunk | memory after warm-up | img/s at batch 16 |\n|---|---:|---:|---:|---:|")
+        for r in result["chunks"]:
+            print(f"| {r['format']} | {r['threads']} | {r['chunk'] or 'whole'} | +{r['memory_mib']} MiB "
+                  f"| {r['images_per_s']} |")
+    if "3" in parts:
+        result["lone"] = part3(args.model, args.threads)
+        print(f"\n| round | {t} threads | batch-1 p50 ms | p99 ms | CPU in the 0.3 s after a run |\n"
+              "|---:|---|---:|---:|---:|")
+        for r in result["lone"]:
+            print(f"| {r['round']} | {r['threads']} | {r['p50_ms']} | {r['p99_ms']} | {r['cpu_after_run_ms']} ms |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -125,14 +125,14 @@ class TritonServer:
     group so that nothing it spawns (tritonserver, the Python backend stubs) outlives the benchmark."""
 
     def __init__(self, peers: Peers, repo: Path, model: str, instances: int,
-                 script: str = "triton_backend.py") -> None:
+                 script: str = "triton_backend.py", spin: bool = False) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         cmd = [str(peers.python), str(ROOT / "benchmarks" / script), "--model-repository", str(repo),
                "--model", model, "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                "--metrics-port", str(free_port()), "--threads", str(SERVE_DEFAULTS.inference_threads),
                "--decode-workers", str(SERVE_DEFAULTS.decode_workers), "--instances", str(instances),
                "--max-batch-size", str(SERVE_DEFAULTS.max_batch_size),
-               "--max-queue-delay-ms", str(SERVE_DEFAULTS.max_queue_delay_ms)]
+               "--max-queue-delay-ms", str(SERVE_DEFAULTS.max_queue_delay_ms), *(["--spin"] if spin else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.log: list[str] = []
@@ -338,7 +338,8 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
         servers.append(imgcls)
         tritons = {}
         for label, script in TRITONS.items():
-            tritons[label] = TritonServer(peers, args.model_repository, entry.name, args.triton_instances, script)
+            tritons[label] = TritonServer(peers, args.model_repository, entry.name, args.triton_instances, script,
+                                          args.triton_spin)
             servers.append(tritons[label])
         port, metrics_port = imgcls.wait_ports()
         target, metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
@@ -436,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability", type=float, default=10.0,
                         help="perf_analyzer --stability-percentage (re-run unstable levels accepting any spread)")
     parser.add_argument("--triton-instances", type=int, default=1, help="Triton model instances")
+    parser.add_argument("--triton-spin", action="store_true",
+                        help="Triton's onnxruntime threads spin within a run (imgcls's lone-batch runtime does; "
+                             "default: they sleep between operators, as imgcls's instances do)")
     parser.add_argument("--imgcls-arg", action="append", default=[],
                         help="extra `imgcls serve` flag, e.g. --imgcls-arg=--decode-workers=1 (repeat)")
     parser.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS)
@@ -457,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     meta = {"model": entry.name, "version": entry.version, "backbone": entry.manifest.backbone, "runtime": "onnx",
             "images": len(data), "duration_s": args.duration, "triton_instances": args.triton_instances,
+            "triton_spin": args.triton_spin,
             "imgcls_args": args.imgcls_arg,
             "machine": machine()}
     print(f"# {entry.name} v{entry.version} ({entry.manifest.backbone}, onnx), {len(data)} images, machine "

@@ -44,7 +44,8 @@ class TritonPythonModel:
 
         entry = next(e for e in repository.scan(Path(params["repository"])) if e.name == params["model"])
         artifact = runtimes.choose_artifact(entry.manifest, "onnx")
-        self.runtime = runtimes.load_runtime(entry.folder, artifact, int(params["threads"]))
+        self.runtime = runtimes.load_runtime(entry.folder, artifact, int(params["threads"]),
+                                             spin=params.get("spin") == "1")
         self.spec = entry.manifest.preprocessing
         self.preprocess = preprocess_bytes
         self.pool = ThreadPoolExecutor(int(params["decode_workers"]), thread_name_prefix="decode")
@@ -69,7 +70,8 @@ class TritonPythonModel:
 
 def config_pbtxt(args: argparse.Namespace, classes: int) -> str:
     params = {"repository": str(args.model_repository.resolve()),
-              "model": args.model, "threads": str(args.threads), "decode_workers": str(args.decode_workers)}
+              "model": args.model, "threads": str(args.threads), "decode_workers": str(args.decode_workers),
+              "spin": "1" if args.spin else "0"}
     parameters = "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""name: "{args.model}"
 backend: "python"
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # bench_peers.py passes `imgcls serve`'s defaults (service/server.py ServeConfig).
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--spin", action="store_true",
+                        help="onnxruntime threads spin within a run, as imgcls's lone-batch runtime does")
     parser.add_argument("--instances", type=int, default=1, help="model instances (each its own stub)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)

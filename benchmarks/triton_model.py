@@ -49,12 +49,13 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def make_infer(entry, threads: int, decode_workers: int):
+def make_infer(entry, threads: int, decode_workers: int, spin: bool = False):
     """The batched callable: encoded bytes [N, 1] -> probabilities [N, C], decoding on a thread pool (Pillow
     releases the GIL) the way imgcls's decode workers do."""
     from pytriton.decorators import batch
 
-    runtime = runtimes.load_runtime(entry.folder, runtimes.choose_artifact(entry.manifest, "onnx"), threads)
+    runtime = runtimes.load_runtime(entry.folder, runtimes.choose_artifact(entry.manifest, "onnx"), threads,
+                                      spin=spin)
     spec = entry.manifest.preprocessing
     pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
     runtime.run(np.zeros((1, *spec.input_size, 3), np.float32))  # warm-up, as imgcls does before SERVING
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     # bench_peers.py passes `imgcls serve`'s defaults (service/server.py ServeConfig, not importable here: this
     # environment has none of the server's dependencies).
     parser.add_argument("--threads", type=int, default=runtimes.default_threads(), help="onnxruntime threads")
+    parser.add_argument("--spin", action="store_true",
+                        help="onnxruntime threads spin within a run, as imgcls's lone-batch runtime does")
     parser.add_argument("--decode-workers", type=int, default=runtimes.default_threads())
     parser.add_argument("--instances", type=int, default=1, help="model instances (each its own session)")
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(
             model_name=entry.name,
-            infer_func=[make_infer(entry, args.threads, args.decode_workers) for _ in range(args.instances)],
+            infer_func=[make_infer(entry, args.threads, args.decode_workers, args.spin) for _ in range(args.instances)],
             inputs=[Tensor(name=INPUT_NAME, dtype=bytes, shape=(1,))],
             outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(classes,))],
             config=ModelConfig(max_batch_size=args.max_batch_size, batcher=DynamicBatcher(

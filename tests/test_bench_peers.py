@@ -57,10 +57,12 @@ def peers_or_skip():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["triton_backend.py", "triton_model.py"])
-def test_triton_peer_does_the_same_job(service_repo, tmp_path, script):
+@pytest.mark.parametrize(("script", "spin"), [("triton_backend.py", False), ("triton_model.py", False),
+                                              ("triton_backend.py", True)])
+def test_triton_peer_does_the_same_job(service_repo, tmp_path, script, spin):
     """Both Triton variants (Python backend, pytriton) answer encoded images with exactly imgcls's probabilities:
-    same decode, preprocessing and ONNX file, so the benchmark compares servers, not models."""
+    same decode, preprocessing and ONNX file, so the benchmark compares servers, not models (`--triton-spin`
+    changes how onnxruntime's threads wait, not what they compute)."""
     peers = peers_or_skip()
     paths = []
     for i, fmt in enumerate(["JPEG", "PNG", "JPEG"]):
@@ -69,7 +71,7 @@ def test_triton_peer_does_the_same_job(service_repo, tmp_path, script):
     entry = next(e for e in repository.scan(service_repo) if e.name == "tiny")
     runtime = runtimes.load_runtime(entry.folder, runtimes.choose_artifact(entry.manifest, "onnx"), 1)
     expected = runtime.run(np.stack([preprocess_bytes(p.read_bytes(), entry.manifest.preprocessing) for p in paths]))
-    triton = bench_peers_module().TritonServer(peers, service_repo, "tiny", 1, script)
+    triton = bench_peers_module().TritonServer(peers, service_repo, "tiny", 1, script, spin)
     try:
         url = triton.wait_ready()
         out = subprocess.run([str(peers.python), "-c", _INFER, url, "tiny", *map(str, paths)], capture_output=True,
