@@ -27,6 +27,7 @@ def test_bench_instances_reports_layouts_and_chunks(service_repo, tmp_path):
     assert cells == {(f, t, c) for f in ("onnx", "tflite") for t in (1, 2) for c in (None, 8, 4, 1)}
     assert all(r["images_per_s"] > 0 and r["memory_mib"] >= 0 for r in result["chunks"])
     assert "| 16 |" in proc.stdout and "| tflite | 2 | whole |" in proc.stdout
-    assert [(r["round"], r["threads"]) for r in result["lone"]] == [(i, n) for i in (1, 2, 3) for n in ("sleep", "spin")]
+    rounds = [(i, n) for i in (1, 2, 3) for n in ("sleep", "spin")]
+    assert [(r["round"], r["threads"]) for r in result["lone"]] == rounds
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 and r["cpu_after_run_ms"] >= 0 for r in result["lone"])
     assert "| 3 | spin |" in proc.stdout
