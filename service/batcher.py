@@ -263,7 +263,8 @@ class Batcher:
         return not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
 
     def _next_batch(self, instance: int = 0) -> tuple[list[_Item], bool] | None:
-        """The next batch for `instance`, and whether it runs alone (no other batch running, none queued).
+        """The next batch for `instance`, and whether it runs alone (no other batch running or queued, no image
+        still decoding).
         Instance i takes work only while instances 0..i-1 are all busy, so light load stays on instance 0
         (its caches warm) and the others join as the queue builds."""
         with self._cond:
@@ -286,7 +287,9 @@ class Batcher:
             items = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
             for item in items:
                 item.job.reserved -= 1
-            alone = self._busy == 0 and not self._queue
+            # Alone: no other batch running or queued, and no admitted image still decoding. The lone-batch
+            # runtime's threads spin within a run; next to busy decode workers they would take their cores.
+            alone = self._busy == 0 and not self._queue and self._pending == len(items)
             self._pending -= len(items)
             self._running += len(items)
             self._busy += 1

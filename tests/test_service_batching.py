@@ -321,6 +321,23 @@ def test_lone_batches_run_on_the_all_threads_runtime_and_stay_on_one_instance():
         batcher.stop()
 
 
+def test_a_batch_is_not_lone_while_other_images_are_still_decoding():
+    """Admitted images not yet queued are being decoded: the batch ahead of them runs on instance 0, not on the
+    lone-batch runtime, whose spinning threads would take the decode workers' cores."""
+    batcher, _runs, _lone, log = _instances_batcher(2)
+    try:
+        job = batcher.admit(2)  # two images admitted, only the first decoded yet
+        batcher.put(job, 0, _marker(0))
+        deadline = time.monotonic() + 5
+        while not log and time.monotonic() < deadline:
+            time.sleep(0.01)
+        batcher.put(job, 1, _marker(1))
+        assert job.done.wait(5)
+        assert log == [("i0", 1), ("solo", 1)], log  # the last image ran alone: nothing else was decoding
+    finally:
+        batcher.stop()
+
+
 def test_a_second_instance_takes_a_batch_while_the_first_is_busy():
     batcher, runs, lone, log = _instances_batcher(2)
     try:
