@@ -3,8 +3,9 @@
 #   bash benchmarks/ab_servers.sh "old|/tmp/base/pkg|" "new||"
 # Each argument is "label|PYTHONPATH|extra serve flags"; PYTHONPATH puts another checkout's code first (see
 # docs/overload.md for laying out `git archive REV` as a package). The server starts from an empty folder:
-# from the repository root, the checkout's imgcls/ would come before PYTHONPATH and run instead. CONC (default "1 8 32") and MI (the
-# measurement window in ms, default 4000) tune the run. Needs .venv-peers (`make peers-env`) and runs/repo.
+# from the repository root, the checkout's imgcls/ would come before PYTHONPATH and run instead. CONC
+# (default "1 8 32") and MI (the measurement window in ms, default 4000) tune the run. Needs .venv-peers
+# (`make peers-env`) and runs/repo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
