@@ -141,6 +141,34 @@ def test_lite_spec_is_the_reference_normalization(name):
     np.testing.assert_allclose(ours, (x.astype(np.float32) - 127.0) / 128.0, rtol=1e-6, atol=1e-6)
 
 
+def _reference_normalize(x: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """The spec's formula as written, broadcasting per-channel arrays: what `normalize` must equal bit for bit."""
+    x = np.asarray(x, dtype=np.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    x = x * np.float32(spec.scale) - np.asarray(spec.mean, dtype=np.float32)
+    return x / np.asarray(spec.std, dtype=np.float32)
+
+
+@pytest.mark.parametrize("spec", [
+    *(BACKBONES[n].preprocessing() for n in sorted(BACKBONES)),
+    PreprocessingSpec(input_size=(8, 8), channel_order="BGR", scale=1.0, mean=(103.9, 116.8, 123.7)),
+    PreprocessingSpec(input_size=(8, 8), scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    PreprocessingSpec(input_size=(8, 8), channel_order="BGR", scale=0.5, mean=(3.0, 3.0, 3.0), std=(2.0, 2.0, 2.0)),
+], ids=lambda s: f"{s.mode}-{s.channel_order}-{s.mean[0]:g}-{s.std[0]:g}")
+def test_normalize_is_bit_exact_for_every_dtype_and_layout(spec):
+    """The fast paths (scalars for a uniform mean and std, per-channel tables for uint8) change no bit: a model
+    sees what it saw in training. Every uint8 value, a flipped (strided) batch, and float input."""
+    every = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3) % 256
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (3, 5, 7, 3))
+    for x in (every.astype(np.uint8), batch.astype(np.uint8), batch.astype(np.uint8)[:, :, ::-1],
+              batch.astype(np.float32), batch.astype(np.float64)):
+        ours = normalize(x, spec)
+        assert ours.dtype == np.float32 and ours.shape == x.shape
+        np.testing.assert_array_equal(ours, _reference_normalize(x, spec))
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="resize"):
         PreprocessingSpec(input_size=(8, 8), resize="cubic-ish")
