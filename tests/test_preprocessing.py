@@ -157,16 +157,19 @@ def _reference_normalize(x: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
     PreprocessingSpec(input_size=(8, 8), channel_order="BGR", scale=0.5, mean=(3.0, 3.0, 3.0), std=(2.0, 2.0, 2.0)),
 ], ids=lambda s: f"{s.mode}-{s.channel_order}-{s.mean[0]:g}-{s.std[0]:g}")
 def test_normalize_is_bit_exact_for_every_dtype_and_layout(spec):
-    """The fast paths (scalars for a uniform mean and std, per-channel tables for uint8) change no bit: a model
-    sees what it saw in training. Every uint8 value, a flipped (strided) batch, and float input."""
+    """The fast path (in place, with scalars: one for a uniform mean and std, else one per channel) changes no
+    bit, so a model sees what it saw in training; nor does it touch the caller's array. Every uint8 value in
+    every channel, a flipped (strided) batch, and float input."""
     every = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3) % 256
     rng = np.random.default_rng(1)
     batch = rng.integers(0, 256, (3, 5, 7, 3))
     for x in (every.astype(np.uint8), batch.astype(np.uint8), batch.astype(np.uint8)[:, :, ::-1],
               batch.astype(np.float32), batch.astype(np.float64)):
+        before = x.copy()
         ours = normalize(x, spec)
         assert ours.dtype == np.float32 and ours.shape == x.shape
         np.testing.assert_array_equal(ours, _reference_normalize(x, spec))
+        np.testing.assert_array_equal(x, before)
 
 
 def test_spec_validation():
