@@ -223,9 +223,11 @@ def test_a_restart_of_two_and_a_half_seconds_is_not_noticed():
             assert _predict(client).results[0].ok  # sent while nothing listens on the port
             took = time.monotonic() - started
             restart.join()
-        # Worst case by design: a retry sleep of up to the client's 2 s cap began just before the restart at
-        # 2.5 s (it once took 4.52 s on a busy CI machine).
-        assert 2.4 <= took < 5.0, took
+        # By design at most ~4.5 s: a retry sleep of up to the client's 2 s cap began just before the restart
+        # at 2.5 s, and by then the channel has reconnected (its back-off is capped at 1 s, RECONNECT_OPTIONS).
+        # Measured 4.52 and 5.18 s on a busy CI machine, where the restart itself is slower: 2 s of slack, well
+        # short of the client's 10 s timeout (a client that gave up early fails the call above instead).
+        assert 2.4 <= took < 6.5, took
     finally:
         server.stop()
 
