@@ -133,3 +133,30 @@ def test_bench_overload_pins_server_and_generator_apart(service_repo, tmp_path):
     assert meta["generator_cores"] == others
     assert meta["server_command"].startswith(f"taskset -c {first} -m imgcls.cli serve")
     assert not _alive(meta["server_pid"])
+
+
+def _verdicts(res: dict) -> list[dict]:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_overload
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return bench_overload.verdicts(res)
+
+
+@pytest.mark.parametrize("later, met, steady", [(102.0, True, True), (125.0, False, False), (None, True, None)])
+def test_goodput_is_judged_against_the_faster_reading_of_capacity(later, met, steady):
+    """A VM that speeds up during the run must not flatter "goodput >= 90% of capacity": the verdict takes the
+    higher of the capacity and the 8-client rate measured after the overload runs, and flags the drift."""
+    res = {"capacity": {"capacity": 100.0, "unloaded_p99_ms": 20.0},
+           "open": {"rows": [{"factor": 2.0, "deadline_s": 1.0, "goodput": 95.0, "admitted_p99_ms": 900.0,
+                              "refusal_p99_ms": None, "refused": 0, "arrival_lag_p99_ms": 5.0,
+                              "server": {"wasted_pct": 0.0}, "metrics_check": {"equal": True}}]}}
+    if later is not None:
+        res["idle"] = {"rows": [{"streams": 0, "goodput": later, "metrics_check": {"equal": True}}]}
+    verdicts = {v["target"]: v for v in _verdicts(res)}
+    goodput = verdicts["open 2x, 1 s deadline: goodput >= 90% of capacity"]
+    assert goodput["met"] is met
+    assert f"= {95.0 / max(100.0, later or 0) * 100:.0f}% of {max(100.0, later or 0):.1f}/s" in goodput["numbers"]
+    steady_rows = [v for t, v in verdicts.items() if "capacity steady" in t]
+    assert [v["met"] for v in steady_rows] == ([] if steady is None else [steady])
