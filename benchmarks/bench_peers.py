@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -261,10 +262,10 @@ class BatchMeter:
             self.mean = (end[0] - self.start[0]) / count if count else None
 
 
-def result(server: str, protocol: str, client: str, concurrency: int | str, m: dict) -> dict:
+def result(server: str, protocol: str, client: str, concurrency: int | str, m: dict, round_: int = 1) -> dict:
     return {"server": server, "protocol": protocol, "client": client, "concurrency": concurrency,
             "images_per_s": m["images_per_s"], "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"],
-            "stable": m.get("stable", True), "server_batch": m.get("server_batch")}
+            "stable": m.get("stable", True), "server_batch": m.get("server_batch"), "round": round_}
 
 
 @dataclass
@@ -293,25 +294,27 @@ def prepare_endpoint(peers: Peers, server: str, url: str, model: str, data: list
 
 
 def measure_level(peers: Peers, endpoints: list[Endpoint], imgcls: tuple[str, str], model: str, data: list[bytes],
-                  c: int, args: argparse.Namespace, workdir: Path) -> list[dict]:
+                  c: int, args: argparse.Namespace, workdir: Path, round_: int = 1) -> list[dict]:
     """One concurrency level on every server back to back, so a change in the machine's load between levels
-    hits all of them alike: each KServe endpoint with perf_analyzer, then imgcls Predict with the Python client."""
+    hits all of them alike: each KServe endpoint with perf_analyzer, then imgcls Predict with the Python client.
+    Even rounds take the endpoints in reverse order, so a drift within a round favours none of them."""
     target, metrics_url = imgcls
     rows = []
-    for ep in endpoints:
+    for ep in (endpoints if round_ % 2 else endpoints[::-1]):
         if ep.input_json is None:
             continue
         with BatchMeter(metrics_url if ep.server == IMGCLS else None) as meter:
             m = perf_analyzer(peers, ep.url, model, ep.input_json, c, args.duration, args.stability, workdir)
         if meter.url:  # imgcls reports no per-execution statistics to perf_analyzer; its histogram does
             m["server_batch"] = meter.mean
-        rows.append(result(ep.server, "KServe v2 gRPC", PERF_ANALYZER, c, m))
-        print(f"# {ep.server} via {PERF_ANALYZER}, {c}: {m['images_per_s']:.1f} img/s", file=sys.stderr)
+        rows.append(result(ep.server, "KServe v2 gRPC", PERF_ANALYZER, c, m, round_))
+        print(f"# {ep.server} via {PERF_ANALYZER}, {c} (round {round_}): {m['images_per_s']:.1f} img/s",
+              file=sys.stderr)
     with BatchMeter(metrics_url) as meter:
         (r,) = bench_service.bench_server(target, model, data, [c], args.duration)
     r["server_batch"] = meter.mean
-    rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r))
-    print(f"# {IMGCLS} Predict, {c}: {r['images_per_s']:.1f} img/s", file=sys.stderr)
+    rows.append(result(IMGCLS, "imgcls Predict gRPC", "bench_service.py (Python)", c, r, round_))
+    print(f"# {IMGCLS} Predict, {c} (round {round_}): {r['images_per_s']:.1f} img/s", file=sys.stderr)
     return rows
 
 
@@ -351,8 +354,8 @@ def bench_servers(peers: Peers, entry, data: list[bytes], concurrency: list[int]
             endpoints.append(prepare_endpoint(peers, label, triton.wait_ready(), entry.name, data, warm, workdir))
             if endpoints[-1].input_json is None:
                 raise RuntimeError(endpoints[-1].note)
-        rows = [r for c in concurrency
-                for r in measure_level(peers, endpoints, (target, metrics_url), entry.name, data, c, args, workdir)]
+        rows = [r for c in concurrency for k in range(1, args.rounds + 1)
+                for r in measure_level(peers, endpoints, (target, metrics_url), entry.name, data, c, args, workdir, k)]
         return rows, [ep.note for ep in endpoints if ep.note]
     finally:
         stop_all(servers)
@@ -382,31 +385,39 @@ def machine() -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| server | protocol | client | concurrency | img/s | p50 ms | p99 ms | mean batch |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    rounds = any(r.get("round", 1) > 1 for r in rows)
+    lines = ["| server | protocol | client | concurrency |" + (" round |" if rounds else "")
+             + " img/s | p50 ms | p99 ms | mean batch |",
+             "|---|---|---|---|" + ("---:|" if rounds else "") + "---:|---:|---:|---:|"]
     for r in rows:
         flag = " (unstable)" if not r["stable"] else ""
         batch = f"{r['server_batch']:.1f}" if r["server_batch"] else "-"
         lines.append(f"| {r['server']} | {r['protocol']} | {r['client']} | {r['concurrency']}{flag} | "
-                     f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {batch} |")
+                     + (f"{r.get('round', '-')} | " if rounds else "")
+                     + f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {batch} |")
     return "\n".join(lines)
 
 
 def goal(rows: list[dict], concurrency: list[int]) -> list[dict]:
-    """Per concurrency and Triton variant, imgcls's KServe endpoint against Triton, both driven by perf_analyzer."""
-    def pick(server: str, c: int) -> dict | None:
+    """Per concurrency and Triton variant, imgcls's KServe endpoint against Triton, both driven by perf_analyzer:
+    the ratio within each round (the two measured back to back), judged on the median over rounds."""
+    def pick(server: str, c: int, k: int) -> dict | None:
         return next((r for r in rows if r["server"] == server and r["client"] == PERF_ANALYZER
-                     and r["concurrency"] == c), None)
+                     and r["concurrency"] == c and r.get("round", 1) == k), None)
 
+    rounds = sorted({r.get("round", 1) for r in rows})
     out = []
     for c in concurrency:
         for triton in TRITONS:
-            mine, theirs = pick(IMGCLS, c), pick(triton, c)
-            if mine and theirs:
-                ratio = mine["images_per_s"] / theirs["images_per_s"]
-                out.append({"concurrency": c, "triton": triton, "throughput_ratio": ratio,
-                            "p99_diff_ms": mine["p99_ms"] - theirs["p99_ms"],
-                            "met": ratio >= 1 and mine["p99_ms"] <= theirs["p99_ms"]})
+            pairs = [(mine, theirs) for k in rounds
+                     if (mine := pick(IMGCLS, c, k)) and (theirs := pick(triton, c, k))]
+            if not pairs:
+                continue
+            ratios = [mine["images_per_s"] / theirs["images_per_s"] for mine, theirs in pairs]
+            p99 = [mine["p99_ms"] - theirs["p99_ms"] for mine, theirs in pairs]
+            ratio, diff = statistics.median(ratios), statistics.median(p99)
+            out.append({"concurrency": c, "triton": triton, "throughput_ratio": ratio, "p99_diff_ms": diff,
+                        "round_ratios": ratios, "met": ratio >= 1 and diff <= 0})
     return out
 
 
@@ -436,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=256, help="images loaded from --images")
     parser.add_argument("--stability", type=float, default=10.0,
                         help="perf_analyzer --stability-percentage (re-run unstable levels accepting any spread)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every level this many times, alternating the servers' order; the goal is "
+                             "judged on the median of each round's ratio (this VM's speed drifts between runs)")
     parser.add_argument("--triton-instances", type=int, default=1, help="Triton model instances")
     parser.add_argument("--triton-spin", action="store_true",
                         help="Triton's onnxruntime threads spin within a run (imgcls's lone-batch runtime does; "
@@ -458,9 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     except PeersMissing as exc:
         print(f"bench_peers: {exc}", file=sys.stderr)
         return 2
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     concurrency = [int(c) for c in args.concurrency.split(",")]
     meta = {"model": entry.name, "version": entry.version, "backbone": entry.manifest.backbone, "runtime": "onnx",
-            "images": len(data), "duration_s": args.duration, "triton_instances": args.triton_instances,
+            "images": len(data), "duration_s": args.duration, "rounds": args.rounds,
+            "triton_instances": args.triton_instances,
             "triton_spin": args.triton_spin,
             "imgcls_args": args.imgcls_arg,
             "machine": machine()}
@@ -480,8 +497,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.\n")
     print(markdown(rows) + "\n")
     for g in summary:
-        print(f"concurrency {g['concurrency']} vs {g['triton']}: imgcls throughput {g['throughput_ratio']:.2f}x, "
-              f"p99 {g['p99_diff_ms']:+.1f} ms: goal {'met' if g['met'] else 'NOT met'}")
+        each = "" if len(g["round_ratios"]) < 2 else \
+            f" (median of rounds: {', '.join(f'{x:.2f}x' for x in g['round_ratios'])})"
+        print(f"concurrency {g['concurrency']} vs {g['triton']}: imgcls throughput {g['throughput_ratio']:.2f}x"
+              f"{each}, p99 {g['p99_diff_ms']:+.1f} ms: goal {'met' if g['met'] else 'NOT met'}")
     if summary:
         print(f"Goal (imgcls >= Triton throughput at <= p99, every concurrency, both variants): "
               f"{'met' if all(g['met'] for g in summary) else 'NOT met'}.")

@@ -103,3 +103,27 @@ def test_bench_peers_smoke(service_repo, tmp_path):
     assert sum(r["server"] == "in-process ceiling" for r in result["rows"]) == 2  # 1 at a time, batch 4
     assert [g["concurrency"] for g in result["goal"]] == [1, 1, 4, 4]
     assert "| Triton 2.51 (pytriton 0.7.0) | KServe v2 gRPC | perf_analyzer 2.51 | 4" in out.stdout
+
+
+def test_goal_is_the_median_of_each_rounds_ratio():
+    """With --rounds, each round's imgcls and Triton rows (measured back to back) make one ratio, and the goal is
+    judged on the median: one lucky or unlucky round on a drifting machine decides nothing."""
+    bench_peers = bench_peers_module()
+    triton = next(iter(bench_peers.TRITONS))
+
+    def row(server, k, rate, p99):
+        return {"server": server, "client": bench_peers.PERF_ANALYZER, "concurrency": 8, "round": k,
+                "images_per_s": rate, "p99_ms": p99}
+
+    rows = [row(bench_peers.IMGCLS, 1, 130.0, 90.0), row(triton, 1, 100.0, 100.0),  # 1.30x
+            row(bench_peers.IMGCLS, 2, 95.0, 110.0), row(triton, 2, 100.0, 100.0),  # 0.95x
+            row(bench_peers.IMGCLS, 3, 98.0, 99.0), row(triton, 3, 100.0, 100.0)]  # 0.98x
+    (g,) = [g for g in bench_peers.goal(rows, [8]) if g["triton"] == triton]
+    assert g["round_ratios"] == pytest.approx([1.30, 0.95, 0.98])
+    assert g["throughput_ratio"] == pytest.approx(0.98) and g["p99_diff_ms"] == pytest.approx(-1.0)
+    assert g["met"] is False  # the best round alone (1.30x) would have said met
+    (one,) = [g for g in bench_peers.goal(rows[:2], [8]) if g["triton"] == triton]
+    assert one["throughput_ratio"] == pytest.approx(1.30) and one["met"] is True
+    table = bench_peers.markdown([{**r, "protocol": "KServe v2 gRPC", "p50_ms": 1.0, "stable": True,
+                                   "server_batch": None} for r in rows])
+    assert "| round |" in table and "| 8 | 2 | 95.0 |" in table
