@@ -1106,7 +1106,7 @@ def verdicts(res: dict) -> list[dict]:
                 # that sped up during the run would otherwise flatter the percentage.
                 ref = max(capacity or 0.0, later or 0.0) or None
                 pct = None if ref is None else 100 * r["goodput"] / ref
-                why = "" if ref == capacity else (
+                why = "" if not capacity or ref == capacity else (
                     f" (8 clients after the overload runs; {100 * r['goodput'] / capacity:.0f}% of the first "
                     f"{capacity:.1f}/s)")
                 add(f"open {r['factor']:g}x, 1 s deadline: goodput >= 90% of capacity",
