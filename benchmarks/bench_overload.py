@@ -1077,6 +1077,7 @@ def verdicts(res: dict) -> list[dict]:
         out.append({"target": target, "met": met, "numbers": numbers})
 
     unloaded = res.get("capacity", {}).get("unloaded_p99_ms")
+    capacity, later = res.get("capacity", {}).get("capacity"), _later_capacity(res)
     if "idle" in res:
         for r in res["idle"]["rows"][1:]:
             ratio, h = r["unary_vs_no_streams"], r["health"]
@@ -1098,8 +1099,6 @@ def verdicts(res: dict) -> list[dict]:
             rp = r["refusal_p99_ms"]
             add(f"{name}: refusals p99 < 20 ms", None if rp is None else rp < 20,
                 f"{_f(rp)} ms over {r['refused']} refusals" if rp is not None else "no refusals")
-        capacity = res.get("capacity", {}).get("capacity")
-        later = _later_capacity(res)
         for r in res["open"]["rows"]:
             if r["deadline_s"] == 1.0:
                 # Against the higher of the capacity and the same load measured after the overload runs: a VM
@@ -1136,7 +1135,6 @@ def verdicts(res: dict) -> list[dict]:
             f"{len(probed) - len(bad)} of {len(probed)} runs; " + "; ".join(
                 f"{label}: p99 {_f(h['p99_ms'], '.0f')} ms, {h['failures']}/{h['probes']} failed"
                 for label, h in (bad or probed)))
-    later, capacity = _later_capacity(res), res.get("capacity", {}).get("capacity")
     if later is not None and capacity:
         add(f"(benchmark itself) capacity steady: 8 clients after the overload runs within {STEADY_PCT:.0f}% of "
             "the capacity", abs(later / capacity - 1) * 100 <= STEADY_PCT,
