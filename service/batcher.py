@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The batcher already holds `max_queue_size` images."""
+    """The batcher already holds `max_queue_size` images (decoding, queued or in a running batch)."""
 
 
 class DeadlineExceeded(Exception):
@@ -182,13 +182,20 @@ class Batcher:
         return ((ahead + n - batch) / self.instances + batch) * self.per_image
 
     def admit(self, n: int, deadline: float | None = None, on_done: Callable[[Job], Any] | None = None) -> Job:
-        """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once. A request larger than
-        the whole queue is admitted only into an empty one, so every allowed request size can be served."""
+        """Reserve `n` slots for a request, or raise QueueFull / ShuttingDown at once.
+
+        The limit counts every image in the system: decoding, queued, and in the batches being computed. An
+        admitted image then waits for at most `max_queue_size` images' work, its own batch included; counting
+        only the waiting ones let a request also wait behind a full batch on each instance (two batches of 32
+        on 2 cores doubled the admitted p99 under overload, docs/overload.md). A request larger than the limit
+        is admitted only into an empty system, so every allowed request size can be served."""
         with self._cond:
             if self._stopping or self._closing:
                 raise ShuttingDown("the model is shutting down")
-            if self._pending + n > self.max_queue_size and self._pending > 0:
-                raise QueueFull(f"queue full ({self._pending} of {self.max_queue_size} images waiting)")
+            held = self._pending + self._running
+            if held + n > self.max_queue_size and held > 0:
+                raise QueueFull(f"queue full ({held} of {self.max_queue_size} images admitted: {self._pending} "
+                                f"waiting, {self._running} being computed)")
             self._pending += n
             depth = self._pending
         self._on_depth(depth)

@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
           "health checks are never refused", 1024, type=int)
     _flag(serve, "--max-batch-size", "largest batch the dynamic batcher forms", 32, type=int)
     _flag(serve, "--max-queue-delay-ms", "longest an image waits for its batch to fill", 2.0, type=float)
-    _flag(serve, "--max-queue-size", "images admitted per model and not yet in a running batch (decoding or "
-          "queued) before RESOURCE_EXHAUSTED: the admission limit, see docs/serving-core.md", 64, type=int)
+    _flag(serve, "--max-queue-size", "images admitted per model and not yet answered (decoding, queued or "
+          "computing) before RESOURCE_EXHAUSTED: the admission limit, see docs/serving-core.md", 64, type=int)
     _flag(serve, "--max-images-per-request", "more is INVALID_ARGUMENT", 64, type=int)
     _flag(serve, "--max-message-bytes", "largest gRPC message, either direction", 64 * 1024 * 1024, type=int)
     _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)

@@ -79,7 +79,7 @@ class ServeConfig:
     max_concurrent_calls: int = 1024  # calls in progress (streams count once) before RESOURCE_EXHAUSTED
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
-    max_queue_size: int = 64  # images admitted per model and not yet in a running batch (docs/overload.md)
+    max_queue_size: int = 64  # images per model decoding, queued or computing (docs/serving-core.md)
     max_images_per_request: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = DEFAULT_MAX_BYTES

@@ -285,7 +285,8 @@ def _post_in_thread(server, path: str, body: bytes, results: list) -> threading.
 
 @pytest.mark.slow
 def test_queue_full_is_429_with_retry_after_and_drain_finishes_calls_in_flight(service_repo, images):
-    with gated_server(service_repo, http_port=0, max_queue_size=1, max_batch_size=1, max_queue_delay_ms=0) as (
+    # two images admitted at most: the one in the running batch and one waiting
+    with gated_server(service_repo, http_port=0, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0) as (
             server, gate):
         gate.gate.clear()
         held: list = []

@@ -79,6 +79,48 @@ def test_batcher_splits_jobs_across_batches_and_keeps_each_jobs_order():
         batcher.stop()
 
 
+def test_the_admission_limit_counts_images_in_a_running_batch():
+    """`max_queue_size` bounds every image in the system: images being computed hold their slots until their
+    batch returns, so a new request cannot queue behind a full running batch as well as a full queue."""
+    entered, release = threading.Event(), threading.Event()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        assert release.wait(10)
+        return batch[:, :1, 0, 0]
+
+    batcher = Batcher(run, max_batch_size=4, max_queue_delay=0.0, max_queue_size=4)
+    batcher.start()
+    try:
+        running = batcher.admit(3)
+        for i in range(3):
+            batcher.put(running, i, _marker(i))
+        assert entered.wait(5)
+        wait_for(lambda: batcher.depth == 0)  # nothing waits: all three are in the model
+        with pytest.raises(QueueFull, match="3 of 4 images admitted: 0 waiting, 3 being computed"):
+            batcher.admit(2)
+        one = batcher.admit(1)  # the fourth slot
+        with pytest.raises(QueueFull):
+            batcher.admit(1)
+        release.set()
+        assert running.done.wait(5)
+        wait_for(lambda: _admits(batcher, 2))  # the finished batch gave its slots back
+        batcher.put(one, 0, _marker(7))
+        assert one.done.wait(5) and float(one.results[0][0]) == 7
+    finally:
+        release.set()
+        batcher.stop()
+
+
+def _admits(batcher: Batcher, n: int) -> bool:
+    try:
+        job = batcher.admit(n)
+    except QueueFull:
+        return False
+    batcher.cancel(job)
+    return True
+
+
 def test_batcher_refuses_when_full_and_frees_slots_on_cancel_and_failure():
     batcher, _ = _echo_batcher(max_queue_size=4)
     try:
@@ -128,8 +170,9 @@ def test_lone_image_is_not_held_for_the_queue_delay():
 
 @pytest.fixture
 def gated(service_repo):
-    """A server whose `tiny` model runs behind a gate, with a 1-image batch and a 2-image queue."""
-    with gated_server(service_repo, max_batch_size=1, max_queue_size=2, max_images_per_request=2,
+    """A server whose `tiny` model runs behind a gate, with a 1-image batch and 3 images admitted at most: one
+    in the running batch and two waiting."""
+    with gated_server(service_repo, max_batch_size=1, max_queue_size=3, max_images_per_request=2,
                       max_queue_delay_ms=0) as (server, gate):
         yield server, gate
 
@@ -152,6 +195,8 @@ def test_full_queue_is_resource_exhausted_at_once_and_cancel_frees_a_slot(gated)
             stub.Predict(pb.PredictRequest(model_name="tiny", images=[IMAGES[3]]), timeout=10)
         assert exc_info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert time.monotonic() - start < 1.0
+        # the limit counts the image in the running batch too, not only the two waiting
+        assert "3 of 3 images admitted: 2 waiting, 1 being computed" in exc_info.value.details()
         assert metric(scrape(server), "imgcls_queue_depth", model="tiny") == 2
         queued[1].cancel()  # the client gives up: its slot is freed
         wait_for(lambda: server.models["tiny"][2].batcher.depth == 1)

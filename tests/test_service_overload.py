@@ -44,8 +44,8 @@ def _total_requests(text: str) -> float:
 
 @pytest.fixture
 def gated(service_repo):
-    """The `tiny` model behind a gate; one image per batch, two images admitted."""
-    with gated_server(service_repo, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=0) as (server, gate):
+    """The `tiny` model behind a gate; one image per batch, three images admitted (one computing, two waiting)."""
+    with gated_server(service_repo, max_batch_size=1, max_queue_size=3, max_queue_delay_ms=0) as (server, gate):
         yield server, gate
 
 
