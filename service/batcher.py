@@ -122,6 +122,7 @@ class Batcher:
         name: str = "model",
         on_batch: BatchObserver | None = None,
         on_depth: Callable[[int], None] | None = None,
+        on_admitted: Callable[[int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
         solo: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
@@ -137,7 +138,8 @@ class Batcher:
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch or (lambda *_: None)
-        self._on_depth = on_depth or (lambda _: None)
+        self._on_depth = on_depth or (lambda _: None)  # images waiting: decoding or queued
+        self._on_admitted = on_admitted or (lambda _: None)  # and those being computed: what the limit bounds
         self._on_expired = on_expired or (lambda _: None)
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
@@ -197,8 +199,9 @@ class Batcher:
                 raise QueueFull(f"queue full ({held} of {self.max_queue_size} images admitted: {self._pending} "
                                 f"waiting, {self._running} being computed)")
             self._pending += n
-            depth = self._pending
+            depth, admitted = self._pending, self._pending + self._running
         self._on_depth(depth)
+        self._on_admitted(admitted)
         return Job(n, deadline, on_done)
 
     def put(self, job: Job, index: int, x: np.ndarray, waited: float = 0.0) -> None:
@@ -235,9 +238,10 @@ class Batcher:
             count = min(count, job.reserved)
             job.reserved -= count
             self._pending -= count
-            depth = self._pending
+            depth, admitted = self._pending, self._pending + self._running
             self._cond.notify_all()
         self._on_depth(depth)
+        self._on_admitted(admitted)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the thread; images still queued get ShuttingDown."""
@@ -308,9 +312,12 @@ class Batcher:
     def _done_running(self, count: int, batch_over: bool = False) -> None:
         with self._cond:
             self._running -= count
+            admitted = self._pending + self._running
             if batch_over:
                 self._busy -= 1
                 self._cond.notify_all()
+        if count:
+            self._on_admitted(admitted)
 
     def _loop(self, instance: int, run: Callable[[np.ndarray], np.ndarray]) -> None:
         if self.nice:

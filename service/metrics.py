@@ -149,6 +149,9 @@ class Metrics:
         self.queue_depth = Gauge(
             "imgcls_queue_depth", "Images admitted and waiting for inference (decoding or queued).",
             ["model"], registry=r, multiprocess_mode="livesum")
+        self.admitted_images = Gauge(
+            "imgcls_admitted_images", "Images admitted and not yet answered (decoding, queued or in a running "
+            "batch): what --max-queue-size bounds.", ["model"], registry=r, multiprocess_mode="livesum")
         self.inflight = Gauge("imgcls_inflight_requests", "Requests being handled.", ["method"], registry=r,
                               multiprocess_mode="livesum")
         self.model_loaded = Gauge(

@@ -278,6 +278,7 @@ class ModelManager:
             max_batch_size=cfg.max_batch_size, max_queue_delay=cfg.max_queue_delay_ms / 1000,
             max_queue_size=cfg.max_queue_size, name=f"{name}-v{version}",
             on_batch=self._batch_observer(name, fmt, stats), on_depth=m.queue_depth.labels(name).set,
+            on_admitted=m.admitted_images.labels(name).set,
             on_expired=m.expired_images.labels(name).inc,
         )
         batcher.observe(n, warm_seconds)  # a first cost estimate: the largest warm-up batch

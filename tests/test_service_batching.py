@@ -89,7 +89,8 @@ def test_the_admission_limit_counts_images_in_a_running_batch():
         assert release.wait(10)
         return batch[:, :1, 0, 0]
 
-    batcher = Batcher(run, max_batch_size=4, max_queue_delay=0.0, max_queue_size=4)
+    admitted: list[int] = []  # the imgcls_admitted_images gauge's values
+    batcher = Batcher(run, max_batch_size=4, max_queue_delay=0.0, max_queue_size=4, on_admitted=admitted.append)
     batcher.start()
     try:
         running = batcher.admit(3)
@@ -100,6 +101,7 @@ def test_the_admission_limit_counts_images_in_a_running_batch():
         with pytest.raises(QueueFull, match="3 of 4 images admitted: 0 waiting, 3 being computed"):
             batcher.admit(2)
         one = batcher.admit(1)  # the fourth slot
+        assert admitted[-1] == 4
         with pytest.raises(QueueFull):
             batcher.admit(1)
         release.set()
@@ -107,6 +109,7 @@ def test_the_admission_limit_counts_images_in_a_running_batch():
         wait_for(lambda: _admits(batcher, 2))  # the finished batch gave its slots back
         batcher.put(one, 0, _marker(7))
         assert one.done.wait(5) and float(one.results[0][0]) == 7
+        wait_for(lambda: admitted[-1] == 0)  # every image answered: nothing admitted
     finally:
         release.set()
         batcher.stop()
@@ -197,7 +200,9 @@ def test_full_queue_is_resource_exhausted_at_once_and_cancel_frees_a_slot(gated)
         assert time.monotonic() - start < 1.0
         # the limit counts the image in the running batch too, not only the two waiting
         assert "3 of 3 images admitted: 2 waiting, 1 being computed" in exc_info.value.details()
-        assert metric(scrape(server), "imgcls_queue_depth", model="tiny") == 2
+        text = scrape(server)
+        assert metric(text, "imgcls_queue_depth", model="tiny") == 2
+        assert metric(text, "imgcls_admitted_images", model="tiny") == 3  # what the limit counts
         queued[1].cancel()  # the client gives up: its slot is freed
         wait_for(lambda: server.models["tiny"][2].batcher.depth == 1)
         replacement = _future(stub, IMAGES[4])
@@ -206,6 +211,7 @@ def test_full_queue_is_resource_exhausted_at_once_and_cancel_frees_a_slot(gated)
         for future in (running, queued[0], replacement):
             assert future.result().results[0].status.code == 0
         assert gate.images_seen() == 3  # the cancelled image never reached the model
+        wait_for(lambda: metric(scrape(server), "imgcls_admitted_images", model="tiny") == 0)
 
 
 def test_deadline_passed_in_queue_is_dropped_before_compute(gated, service_repo):
