@@ -199,9 +199,7 @@ class Batcher:
                 raise QueueFull(f"queue full ({held} of {self.max_queue_size} images admitted: {self._pending} "
                                 f"waiting, {self._running} being computed)")
             self._pending += n
-            depth, admitted = self._pending, self._pending + self._running
-        self._on_depth(depth)
-        self._on_admitted(admitted)
+            self._report()
         return Job(n, deadline, on_done)
 
     def put(self, job: Job, index: int, x: np.ndarray, waited: float = 0.0) -> None:
@@ -238,10 +236,8 @@ class Batcher:
             count = min(count, job.reserved)
             job.reserved -= count
             self._pending -= count
-            depth, admitted = self._pending, self._pending + self._running
+            self._report()
             self._cond.notify_all()
-        self._on_depth(depth)
-        self._on_admitted(admitted)
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the thread; images still queued get ShuttingDown."""
@@ -304,20 +300,24 @@ class Batcher:
             self._pending -= len(items)
             self._running += len(items)
             self._busy += 1
-            depth = self._pending
+            self._report()
             self._cond.notify_all()  # the next instance in order may take what is left
-        self._on_depth(depth)
         return items, alone
 
     def _done_running(self, count: int, batch_over: bool = False) -> None:
         with self._cond:
             self._running -= count
-            admitted = self._pending + self._running
+            if count:
+                self._report()
             if batch_over:
                 self._busy -= 1
                 self._cond.notify_all()
-        if count:
-            self._on_admitted(admitted)
+
+    def _report(self) -> None:
+        """Hand the gauges their values; called with the lock held, so that two threads cannot write them out of
+        order and leave an idle model showing images that are long gone."""
+        self._on_depth(self._pending)
+        self._on_admitted(self._pending + self._running)
 
     def _loop(self, instance: int, run: Callable[[np.ndarray], np.ndarray]) -> None:
         if self.nice:
