@@ -12,7 +12,8 @@ while images already admitted are still being decoded; with nothing on the way t
 so a lone client pays no batching delay. Under load, images queue up while the previous batch runs.
 
 Instances (Triton's `instance_group` count): with several `run` callables, one thread per callable takes
-batches from the one queue, so a batch starts as soon as any instance is free. On a small CPU, two
+batches from the one queue, so a batch starts as soon as any instance is free. A lone image may instead run
+on the thread that queues it, in the first instance's place (`put`, `may_run`). On a small CPU, two
 single-threaded instances keep both cores busy where one two-threaded runtime waits at every operator for
 whichever of its threads a decode worker preempted (docs/scaling.md has the measurement).
 """
@@ -150,6 +151,8 @@ class Batcher:
         self.nice = 0  # the batcher thread (and the runtime's threads it wakes) run this much nicer
         self._stopping = False
         self._closing = False  # close(): refuse new requests, finish the admitted ones
+        self._runs = runs
+        self._inline = False  # put() is running a lone image on its caller's thread; the first instance waits
         self._threads = [threading.Thread(target=self._loop, args=(i, r), daemon=True,
                                           name=f"batcher-{name}" + (f"-{i}" if len(runs) > 1 else ""))
                          for i, r in enumerate(runs)]
@@ -202,17 +205,41 @@ class Batcher:
             self._report()
         return Job(n, deadline, on_done)
 
-    def put(self, job: Job, index: int, x: np.ndarray, waited: float = 0.0) -> None:
+    def put(self, job: Job, index: int, x: np.ndarray, waited: float = 0.0, *, may_run: bool = False) -> None:
         """Queue image `index` of `job` (preprocessed, float32 HxWx3); `waited`: seconds it already waited
-        for a decode worker, counted in its queue wait."""
+        for a decode worker, counted in its queue wait.
+
+        `may_run`: the caller's thread may compute (a decode thread, never the event loop). Then a lone image
+        (nothing else admitted, queued or running) runs right here, as the batch the first instance would
+        have taken. Waking an instance thread for it was half of a lone request's queue wait on a 2-core VM
+        (0.23-0.31 ms, against 0.11-0.15 ms without; docs/benchmarks.md)."""
         with self._cond:
             if job.cancelled:
                 return
-            if not self._stopping:
-                self._queue.append(_Item(job, index, x, time.monotonic(), waited))
-                self._cond.notify_all()  # every instance: the first free one in order takes it
-                return
-        self.fail(job, index, ShuttingDown("server shutting down"))
+            if self._stopping:
+                item = None
+            else:
+                item = _Item(job, index, x, time.monotonic(), waited)
+                if not (may_run and self._busy == 0 and not self._inline and not self._queue
+                        and self._pending == 1):
+                    self._queue.append(item)
+                    self._cond.notify_all()  # every instance: the first free one in order takes it
+                    return
+                job.reserved -= 1  # take it as _next_batch would, holding the first instance's place
+                self._pending -= 1
+                self._running += 1
+                self._busy += 1
+                self._inline = True
+                self._report()
+        if item is None:
+            self.fail(job, index, ShuttingDown("server shutting down"))
+            return
+        try:
+            self._run_batch([item], self._solo or self._runs[0])
+        finally:
+            with self._cond:
+                self._inline = False
+                self._cond.notify_all()
 
     def fail(self, job: Job, index: int, error: Exception) -> None:
         """Image `index` will not reach the model (undecodable, expired): free its slot, record the error."""
@@ -262,12 +289,16 @@ class Batcher:
         return finished
 
     def _join(self, timeout: float | None) -> bool:
-        """Wait for every instance thread, `timeout` in all; True when none is left running."""
+        """Wait for every instance thread and a run in put(), `timeout` in all; True when none is left running
+        (so the caller may release the runtimes)."""
         end = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(None if end is None else max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
+        with self._cond:
+            self._cond.wait_for(lambda: not self._inline, None if end is None else max(0.0, end - time.monotonic()))
+            inline = self._inline
+        return not inline and not any(t.is_alive() for t in self._threads if t is not threading.current_thread())
 
     def _next_batch(self, instance: int = 0) -> tuple[list[_Item], bool] | None:
         """The next batch for `instance`, and whether it runs alone (no other batch running or queued, no image
@@ -277,7 +308,7 @@ class Batcher:
         with self._cond:
             while True:
                 while not self._stopping and not (self._closing and self._pending == 0) and (
-                        not self._queue or self._busy < instance):
+                        not self._queue or self._busy < instance or (instance == 0 and self._inline)):
                     self._cond.wait()
                 if self._stopping or not self._queue:
                     self._cond.notify_all()  # closing: the other instances see it too
@@ -327,48 +358,51 @@ class Batcher:
                 log.warning("batcher thread priority unchanged: %s", exc)
         while (taken := self._next_batch(instance)) is not None:
             items, alone = taken
-            now = time.monotonic()
-            # An image whose deadline passes before this batch can finish is dropped now, not computed for nothing.
-            finish = now + len(items) * self.per_image
-            live = []
-            expired = 0
-            for item in items:
-                if item.job.cancelled:
-                    continue
-                if item.job.expired(finish):  # dropped before compute
-                    expired += 1
-                    item.job.set(item.index, DeadlineExceeded("deadline exceeded while queued"))
-                else:
-                    live.append(item)
-            if expired:
-                self._on_expired(expired)
-            self._done_running(len(items) - len(live), batch_over=not live)
-            if not live:
+            self._run_batch(items, self._solo if alone and self._solo is not None else run)
+
+    def _run_batch(self, items: list[_Item], runner: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Run one batch taken from the queue (counted in `_running` and `_busy`) and write back its rows."""
+        now = time.monotonic()
+        # An image whose deadline passes before this batch can finish is dropped now, not computed for nothing.
+        finish = now + len(items) * self.per_image
+        live = []
+        expired = 0
+        for item in items:
+            if item.job.cancelled:
                 continue
-            start = time.monotonic()
-            try:
-                runner = self._solo if alone and self._solo is not None else run
-                probs: np.ndarray | Exception = runner(np.stack([item.x for item in live]))
-            except Exception as exc:  # a runtime failure fails this batch, not the server
-                log.exception("inference failed for a batch of %d", len(live))
-                probs = exc
-            end = time.monotonic()
-            seconds = end - start
-            self.observe(len(live), seconds)
-            self._done_running(len(live), batch_over=True)
-            waits = [start - item.enqueued + item.waited for item in live]
-            wasted = sum(1 for item in live if item.job.cancelled or item.job.expired(end))
-            try:
-                self._on_batch(len(live), waits, seconds, wasted)
-            except Exception:
-                log.exception("batch observer failed")
-            longest: dict[Job, float] = {}
-            for item, wait in zip(live, waits, strict=True):
-                longest[item.job] = max(longest.get(item.job, 0.0), wait)
-            for job, wait in longest.items():  # before set(): the last image completes the job
-                with job._lock:  # a request split over instances is written by several threads
-                    job.queue_s += wait
-                    job.infer_s += seconds
-                    job.batches.append(len(live))
-            for k, item in enumerate(live):
-                item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])
+            if item.job.expired(finish):  # dropped before compute
+                expired += 1
+                item.job.set(item.index, DeadlineExceeded("deadline exceeded while queued"))
+            else:
+                live.append(item)
+        if expired:
+            self._on_expired(expired)
+        self._done_running(len(items) - len(live), batch_over=not live)
+        if not live:
+            return
+        start = time.monotonic()
+        try:
+            probs: np.ndarray | Exception = runner(np.stack([item.x for item in live]))
+        except Exception as exc:  # a runtime failure fails this batch, not the server
+            log.exception("inference failed for a batch of %d", len(live))
+            probs = exc
+        end = time.monotonic()
+        seconds = end - start
+        self.observe(len(live), seconds)
+        self._done_running(len(live), batch_over=True)
+        waits = [start - item.enqueued + item.waited for item in live]
+        wasted = sum(1 for item in live if item.job.cancelled or item.job.expired(end))
+        try:
+            self._on_batch(len(live), waits, seconds, wasted)
+        except Exception:
+            log.exception("batch observer failed")
+        longest: dict[Job, float] = {}
+        for item, wait in zip(live, waits, strict=True):
+            longest[item.job] = max(longest.get(item.job, 0.0), wait)
+        for job, wait in longest.items():  # before set(): the last image completes the job
+            with job._lock:  # a request split over instances is written by several threads
+                job.queue_s += wait
+                job.infer_s += seconds
+                job.batches.append(len(live))
+        for k, item in enumerate(live):
+            item.job.set(item.index, probs if isinstance(probs, Exception) else probs[k])

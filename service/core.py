@@ -215,6 +215,7 @@ class Core:
         self.ready = threading.Event()
         self.accepting = True
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._decode_threads = decode_workers
         self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode",
                                                initializer=(lambda: os.nice(nice)) if nice else None)
         self._limits: object | None = None
@@ -539,7 +540,9 @@ class Core:
         seconds = time.monotonic() - start
         self.metrics.preprocess_latency.labels(model.entry.name).observe(seconds)
         job.add_input(seconds)
-        model.batcher.put(job, index, x, waited=start - job.admitted_at)
+        # With a second decode thread this one may run a lone image itself (Batcher.put): the next request's
+        # decode never waits for it.
+        model.batcher.put(job, index, x, waited=start - job.admitted_at, may_run=self._decode_threads > 1)
 
     def _aborted(self, model: LoadedModel, exc: DecodeAborted) -> Exception:
         """What a decode stopped by the pool means for its image (see imgcls.decoding.DecodePool)."""

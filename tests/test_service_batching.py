@@ -413,6 +413,86 @@ def test_a_second_instance_takes_a_batch_while_the_first_is_busy():
         batcher.stop()
 
 
+class _Threads(_Instance):
+    """An _Instance that also records which thread ran each batch."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]]) -> None:
+        super().__init__(name, log)
+        self.threads: list[str] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return super().run(batch)
+
+
+def test_a_lone_image_runs_on_the_callers_thread_only_when_it_may():
+    """put(may_run=True) from a decode thread computes a lone image itself (no instance thread to wake); the
+    event loop's put (may_run False) and an image that is not alone always go to an instance thread."""
+    log: list[tuple[str, int]] = []
+    runs = [_Threads(f"i{k}", log) for k in range(2)]
+    lone = _Threads("solo", log)
+    batcher = Batcher([r.run for r in runs], solo=lone.run, max_batch_size=4, max_queue_delay=0.0,
+                      max_queue_size=64, name="m")
+    batcher.start()
+    try:
+        job = batcher.admit(1)
+        batcher.put(job, 0, _marker(3), may_run=True)
+        assert job.done.is_set() and float(job.results[0][0]) == 3  # computed before put returned
+        assert lone.threads == [threading.current_thread().name]
+        assert batcher.depth == 0 and batcher._busy == 0 and not batcher._inline
+
+        job = batcher.admit(1)
+        batcher.put(job, 0, _marker(4))  # may_run False: the first instance's thread runs it (alone: solo)
+        assert job.done.wait(5) and lone.threads[-1] == "batcher-m-0"
+
+        job = batcher.admit(2)  # two images admitted: the first is not alone, so it is queued
+        batcher.put(job, 0, _marker(5), may_run=True)
+        wait_for(lambda: ("i0", 1) in log)
+        assert not job.done.is_set()
+        batcher.put(job, 1, _marker(6), may_run=True)  # now it is the only image in the system: runs here
+        assert job.done.is_set() and [float(r[0]) for r in job.results] == [5, 6]
+        assert runs[0].threads == ["batcher-m-0"] and lone.threads[-1] == threading.current_thread().name
+    finally:
+        batcher.stop()
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_run_on_the_callers_thread_holds_the_first_instances_place(instances):
+    """While put() computes a lone image, the next batch goes to the second instance, or with one instance
+    waits for it: never more batches at once than instances. close() waits for that run too, so the runtime
+    is not released under it."""
+    batcher, runs, lone, log = _instances_batcher(instances, solo=instances > 1)
+    held = lone if lone is not None else runs[0]
+    try:
+        held.gate.clear()
+        first = batcher.admit(1)
+        caller = threading.Thread(target=batcher.put, args=(first, 0, _marker(1)), kwargs={"may_run": True})
+        caller.start()
+        assert held.entered.wait(5)
+        held.entered.clear()
+        second = batcher.admit(1)
+        batcher.put(second, 0, _marker(2), may_run=True)  # not alone: another batch is running
+        if instances == 2:
+            assert second.done.wait(5) and log[-1] == ("i1", 1)
+        else:
+            time.sleep(0.2)
+            assert not second.done.is_set() and log == [("i0", 1)]  # waits for the run in put()
+        closer = threading.Thread(target=batcher.close, args=(10,))
+        closer.start()
+        time.sleep(0.2)
+        assert closer.is_alive()  # close() waits for the run on the caller's thread
+        held.gate.set()
+        closer.join(5)
+        caller.join(5)
+        assert not closer.is_alive() and first.done.is_set() and second.done.is_set()
+        assert [float(j.results[0][0]) for j in (first, second)] == [1, 2]
+    finally:
+        for r in [*runs, lone]:
+            if r is not None:
+                r.gate.set()
+        batcher.stop()
+
+
 def test_instances_split_a_large_request_and_keep_its_order():
     batcher, runs, _lone, log = _instances_batcher(2, solo=False)
     try:
