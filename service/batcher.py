@@ -225,12 +225,8 @@ class Batcher:
                     self._queue.append(item)
                     self._cond.notify_all()  # every instance: the first free one in order takes it
                     return
-                job.reserved -= 1  # take it as _next_batch would, holding the first instance's place
-                self._pending -= 1
-                self._running += 1
-                self._busy += 1
+                self._take([item])  # as _next_batch would, holding the first instance's place
                 self._inline = True
-                self._report()
         if item is None:
             self.fail(job, index, ShuttingDown("server shutting down"))
             return
@@ -323,17 +319,21 @@ class Batcher:
                 if self._queue:  # another instance may have taken them while this one waited
                     break
             items = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-            for item in items:
-                item.job.reserved -= 1
             # Alone: no other batch running or queued, and no admitted image still decoding. The lone-batch
             # runtime's threads spin within a run; next to busy decode workers they would take their cores.
             alone = self._busy == 0 and not self._queue and self._pending == len(items)
-            self._pending -= len(items)
-            self._running += len(items)
-            self._busy += 1
-            self._report()
+            self._take(items)
             self._cond.notify_all()  # the next instance in order may take what is left
         return items, alone
+
+    def _take(self, items: list[_Item]) -> None:
+        """Move `items` from waiting to a running batch (lock held)."""
+        for item in items:
+            item.job.reserved -= 1
+        self._pending -= len(items)
+        self._running += len(items)
+        self._busy += 1
+        self._report()
 
     def _done_running(self, count: int, batch_over: bool = False) -> None:
         with self._cond:
