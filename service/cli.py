@@ -107,6 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--decode-memory-mb", "estimated decode memory of all images being decoded at once", 768, type=int)
     _flag(serve, "--decode-isolation", "decode in killable worker processes (false: in threads, no hard bound)",
           "true", type=_bool, metavar="BOOL")
+    _flag(serve, "--event-loop", "the gRPC and HTTP front-ends' event loop: auto (uvloop where installed), uvloop "
+          "or asyncio (docs/serving-core.md)", "auto", choices=("auto", "uvloop", "asyncio"))
     _flag(serve, "--default-top-k", "labels per image when a request does not say", 5, type=int)
     _flag(serve, "--stream-max-inflight", "requests of one stream in progress before reading pauses", 32, type=int)
     _flag(serve, "--stream-idle-timeout", "seconds a stream may stay open with nothing sent and nothing in "
@@ -219,7 +221,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         verify_checksums=args.verify_checksums,
         tls_cert=args.tls_cert or None, tls_key=args.tls_key or None, tls_client_ca=args.tls_client_ca or None,
         token_file=args.token_file or None, auth_metrics=args.auth_metrics,
-        tokens=_env_tokens(),
+        tokens=_env_tokens(), event_loop=args.event_loop,
     )
     if args.cpus is not None and args.cpus < 1:
         raise ImgclsError("--cpus must be at least 1")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import sys
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -286,3 +288,40 @@ def test_metrics_after_traffic(server):
     assert metric(after, "imgcls_queue_depth", model="other") == 0
     assert metric(after, "imgcls_inflight_requests", method="Predict") == 0
     assert "imgcls_request_duration_seconds_bucket" in after  # histograms, not summaries
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_grpc_and_http_alike(service_repo, reference, kind):
+    """`--event-loop`: the default (auto) runs on uvloop where it is installed; asyncio's loop must serve the
+    same answers on both ports, since it is the fallback where uvloop has no wheel."""
+    with running_server(service_repo, http_port=0, event_loop=kind) as server:
+        assert server.event_loop_name == kind
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        try:
+            response = pb_grpc.InferenceStub(channel).Predict(
+                pb.PredictRequest(model_name="tiny", images=[IMAGES[2]], top_k=3), timeout=30)
+        finally:
+            channel.close()
+        expected = reference.probs([IMAGES[2]])[0]
+        np.testing.assert_allclose(_probs(response.results[0], 3), expected, atol=1e-5)
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/predict?model=tiny&top_k=3",
+                                         data=IMAGES[2], headers={"Content-Type": "image/png"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            body = json.loads(answer.read())
+        assert body["results"][0]["labels"][0]["index"] == int(np.argmax(expected))
+
+
+def test_the_event_loop_choice_is_checked(service_repo, monkeypatch):
+    from imgcls.errors import ImgclsError
+    from imgcls.service.server import InferenceServer, ServeConfig, new_event_loop
+
+    with pytest.raises(ImgclsError, match="--event-loop tokio: choose one of auto, uvloop, asyncio"):
+        InferenceServer(ServeConfig(model_repository=service_repo, event_loop="tokio"))
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where uvloop is not installed
+    with pytest.raises(ImgclsError, match="uvloop package is not installed"):
+        new_event_loop("uvloop")
+    loop = new_event_loop("auto")  # falls back
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
