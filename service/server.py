@@ -60,10 +60,10 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     """The server's event loop: uvloop's (libuv) where `kind` allows it and it is installed, else asyncio's.
 
     Why uvloop: every call and every answer crosses this one loop (the decode and batcher threads hand results
-    back with `call_soon_threadsafe`), so its per-event cost caps throughput once the model is busy. With
-    uvloop, A/B runs at 8 and 32 clients answered 1-21% more per second (gRPC and HTTP; docs/benchmarks.md);
-    at 1 client the loop is not the bottleneck and the two are level. "auto" falls back to asyncio where
-    uvloop is missing (Windows has no wheel); "uvloop" makes its absence an error.
+    back with `call_soon_threadsafe`), so its per-event cost shows once the model is busy. In A/B runs on 2
+    cores, gRPC answered 4-11% more per second at 8 clients and 3-21% at 32 (docs/benchmarks.md); at 1 client
+    the two were level, and over HTTP (parsed in C by aiohttp either way) within noise. "auto" falls back to
+    asyncio where uvloop is missing (Windows has no wheel); "uvloop" makes its absence an error.
     """
     if kind != "asyncio":
         try:

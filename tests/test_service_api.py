@@ -305,7 +305,7 @@ def test_each_event_loop_serves_grpc_and_http_alike(service_repo, reference, kin
         expected = reference.probs([IMAGES[2]])[0]
         np.testing.assert_allclose(_probs(response.results[0], 3), expected, atol=1e-5)
         request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/predict?model=tiny&top_k=3",
-                                         data=IMAGES[2], headers={"Content-Type": "image/png"}, method="POST")
+                                         data=IMAGES[2], headers={"Content-Type": "image/jpeg"}, method="POST")
         with urllib.request.urlopen(request, timeout=30) as answer:
             body = json.loads(answer.read())
         assert body["results"][0]["labels"][0]["index"] == int(np.argmax(expected))
