@@ -119,7 +119,7 @@ def _calls(target: str, requests: list[bytes], calls: int) -> list[float]:
         return out
 
 
-def server_part(repository: Path, model: str, requests: list[bytes], calls: int, log_dir: Path) -> dict:
+def server_part(repository: Path, requests: list[bytes], calls: int, log_dir: Path) -> dict:
     server = ServerProcess(repository, [], log_dir)
     try:
         target = f"127.0.0.1:{server.port}"
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-lone-") as tmp:
         for r in range(1, args.rounds + 1):  # alternated, so a drift of the machine's speed hits both
             res["calls"].append({"round": r, "server": "imgcls serve",
-                                 **server_part(repository, args.model, requests, args.calls, Path(tmp))})
+                                 **server_part(repository, requests, args.calls, Path(tmp))})
             res["calls"].append({"round": r, "server": "bare grpc.aio", **bare_part(requests, args.calls)})
     print(report(res))
     if args.json:
