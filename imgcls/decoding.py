@@ -1011,9 +1011,10 @@ class DecodePool:
         count = h * w * 3
         status = bytes(reply[-1:])
         if status == b"S":
-            arr = normalize(np.frombuffer(worker.mm, np.uint8, count=count).reshape(h, w, 3), spec)  # a copy
-            self._release(worker)
-            return arr
+            try:  # normalize copies out of the worker's buffer before the worker may take the next image
+                return normalize(np.frombuffer(worker.mm, np.uint8, count=count).reshape(h, w, 3), spec)
+            finally:
+                self._release(worker)
         if status == b"K" and len(reply) == count + 1:
             self._release(worker)
             return normalize(np.frombuffer(buf, np.uint8, count=count).reshape(h, w, 3), spec)
