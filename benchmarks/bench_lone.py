@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_overload import ServerProcess, _proc_cpu_s, scrape, total, wait_serving  # noqa: E402
+from bench_refusal import bare_server, launch  # noqa: E402
 
 from imgcls.decoding import DecodePool  # noqa: E402
 from imgcls.manifest import read_manifest  # noqa: E402
@@ -42,21 +41,10 @@ from imgcls.preprocessing import preprocess_bytes  # noqa: E402
 from imgcls.v1 import inference_pb2 as pb  # noqa: E402
 
 PAUSE_S = 0.008  # between calls: about what the model takes for a lone image on 2 cores
-BARE_SERVER = """
+ANSWER = """
 import asyncio, sys, grpc
-async def answer(request, context):
+async def handle(request, context):
     return b"x" * 100
-async def main():
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    handler = grpc.unary_unary_rpc_method_handler(answer, request_deserializer=lambda b: b,
-                                                  response_serializer=lambda b: b)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("imgcls.v1.Inference",
-                                                                          {"Predict": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"gRPC on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
 """
 HISTOGRAMS = {"request": "imgcls_request_duration_seconds", "queue": "imgcls_queue_wait_seconds",
               "preprocess": "imgcls_preprocess_duration_seconds", "inference": "imgcls_inference_duration_seconds"}
@@ -109,8 +97,6 @@ def decode_part(model_dir: Path, images: list[bytes], rounds: int) -> list[dict]
 def _calls(target: str, requests: list[bytes], calls: int) -> list[float]:
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         predict = channel.unary_unary("/imgcls.v1.Inference/Predict")
-        for body in requests[:20]:  # warm-up
-            predict(body, timeout=30)
         out = []
         for i in range(calls):
             start = time.perf_counter()
@@ -125,7 +111,7 @@ def server_part(repository: Path, requests: list[bytes], calls: int, log_dir: Pa
         target = f"127.0.0.1:{server.port}"
         wait_serving(target, 180, server)
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        _calls(target, requests, 20)
+        _calls(target, requests, 20)  # warm-up
         before, cpu0, workers0 = scrape(url), _proc_cpu_s(server.pid), descendants_cpu_s(server.pid)
         latencies = _calls(target, requests, calls)
         cpu1, workers1, after = _proc_cpu_s(server.pid), descendants_cpu_s(server.pid), scrape(url)
@@ -142,17 +128,9 @@ def server_part(repository: Path, requests: list[bytes], calls: int, log_dir: Pa
 
 
 def bare_part(requests: list[bytes], calls: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, cwd=tempfile.gettempdir())
+    proc, target = launch("the bare grpc.aio server", [sys.executable, "-c", bare_server(ANSWER)])
     try:
-        target = None
-        for line in proc.stderr:
-            if found := re.search(r"gRPC on ([\d.]+:\d+)", line):
-                target = found[1]
-                break
-        if target is None:
-            raise SystemExit("the bare grpc.aio server did not start")
-        _calls(target, requests, 20)
+        _calls(target, requests, 20)  # warm-up
         cpu0 = _proc_cpu_s(proc.pid)
         latencies = _calls(target, requests, calls)
         cpu1 = _proc_cpu_s(proc.pid)

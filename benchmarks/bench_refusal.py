@@ -34,14 +34,10 @@ from bench_overload import _proc_cpu_s  # the sibling script's /proc CPU reader
 
 from imgcls.v1 import inference_pb2 as pb
 
-BARE_SERVER = """
-import asyncio, os, sys, grpc
-async def refuse(request, context):
-    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (64 of 64 images waiting)",
-                        trailing_metadata=(("retry-after-ms", "100"),))
+BARE_MAIN = """
 async def main():
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=lambda b: b,
+    handler = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=lambda b: b,
                                                   response_serializer=lambda b: b)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("imgcls.v1.Inference",
                                                                           {"Predict": handler}),))
@@ -51,6 +47,34 @@ async def main():
     await server.wait_for_termination()
 asyncio.run(main())
 """
+REFUSE = """
+import asyncio, os, sys, grpc
+async def handle(request, context):
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (64 of 64 images waiting)",
+                        trailing_metadata=(("retry-after-ms", "100"),))
+"""
+
+
+def bare_server(handler: str) -> str:
+    """The script of a bare grpc.aio server: `handler` (imports and an `async def handle(request, context)` on
+    raw bytes) answers imgcls.v1 Predict; it prints "gRPC on HOST:PORT" to stderr once it serves."""
+    return handler + BARE_MAIN
+
+
+BARE_SERVER = bare_server(REFUSE)
+
+
+def launch(name: str, cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a server that prints "gRPC on HOST:PORT" to stderr (imgcls serve does too); its process and target."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd="/tmp")
+    for line in proc.stderr:
+        found = re.search(r"gRPC on ([\d.]+:\d+)", line)
+        if found:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep it drained
+            return proc, found[1]
+    proc.kill()
+    proc.wait(30)
+    raise SystemExit(f"{name} did not start")
 
 
 async def flood(target: str, request: pb.PredictRequest, calls: int, concurrency: int = 32) -> dict[str, int]:
@@ -75,17 +99,8 @@ async def flood(target: str, request: pb.PredictRequest, calls: int, concurrency
 
 def measure(name: str, cmd: list[str], request: pb.PredictRequest, calls: int, cores: list[int]) -> dict:
     pin = ["taskset", "-c", str(cores[0])] if len(cores) > 1 else []
-    proc = subprocess.Popen([*pin, *cmd], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd="/tmp")
+    proc, target = launch(name, [*pin, *cmd])
     try:
-        target = None
-        for line in proc.stderr:
-            found = re.search(r"gRPC on ([\d.]+:\d+)", line)
-            if found:
-                target = found[1]
-                break
-        if target is None:
-            raise SystemExit(f"{name} did not start")
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep its pipe drained
         deadline = time.monotonic() + 180
         while "UNAVAILABLE" in asyncio.run(flood(target, request, 64)):  # still loading its models
             if time.monotonic() > deadline or proc.poll() is not None:
