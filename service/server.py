@@ -20,6 +20,7 @@ stops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -216,6 +217,23 @@ def connection_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     return options
 
 
+def freeze_heap() -> int:
+    """Collect once, then move every object alive now out of reach of the cyclic garbage collector
+    (`gc.freeze`); returns how many objects that was.
+
+    A served process carries ~70,000 tracked objects from start-up (modules, runtimes, the gRPC and HTTP
+    servers) that live until it exits. Each full collection walked them all: 25-33 ms with the GIL held,
+    every ~12 s at 160 requests a second on 2 cores, during which the event loop could neither answer
+    health nor refuse a call. Frozen, a full collection walks only what serving created since: ~1 ms
+    (docs/serving-core.md). The collection first leaves no garbage to freeze. A frozen object that later
+    becomes unreachable is still freed by reference counting; only one caught in a reference cycle would
+    stay, and the start-up heap lives until exit anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 class InferenceServer:
     """One server: gRPC port, metrics port, the loaded models. `runtime_hook` lets tests wrap a runtime."""
 
@@ -230,6 +248,7 @@ class InferenceServer:
         self.core = Core(config, self.manager, self.metrics, config.decode_workers, decode=self._decode,
                          nice=WORK_NICENESS)
         self.load_error: BaseException | None = None
+        self._freeze_heap = False  # serve_forever: freeze the start-up heap once ready (freeze_heap)
         self.port = 0
         self.metrics_port = 0
         self.http_port = 0
@@ -423,6 +442,8 @@ class InferenceServer:
         appears); never while draining."""
         if self.core.ready.is_set() or not self.models or not self.core.accepting or self.manager.closing.is_set():
             return
+        if self._freeze_heap:
+            log.info("gc: froze %d objects at start-up (full collections skip them from now on)", freeze_heap())
         self.core.ready.set()
         if self.link is not None:  # health turns SERVING once every worker is ready (_follow_whole_server)
             self.link.set_state(cluster.READY)
@@ -515,6 +536,7 @@ class InferenceServer:
         """Start, drain on SIGTERM / SIGINT, return 0 after a clean drain (main thread only)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
+        self._freeze_heap = True  # this process is the server's alone (a test's in-process server is not)
         try:
             self.start()
         except BaseException:

@@ -111,6 +111,9 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero_without_tensorflow(serv
             channel.close()
         assert server.proc.wait(timeout=20) == 0, server.stderr()
         assert "TENSORFLOW_LOADED=False" in server.stderr()
+        # the start-up heap was frozen once the models were loaded (server.freeze_heap): tens of thousands of objects
+        frozen = re.findall(r"gc: froze (\d+) objects at start-up", server.stderr())
+        assert len(frozen) == 1 and int(frozen[0]) > 10_000, server.stderr()
     finally:
         server.stop()
 
