@@ -446,3 +446,32 @@ def test_an_empty_repository_is_an_error_with_require_models_or_without_hot_relo
         with pytest.raises(ImgclsError, match="no models found"):
             server.start()
         server.stop()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["heap-not-frozen", "heap-frozen"])
+def test_a_retired_version_is_freed_even_from_a_frozen_heap(repo, service_repo, frozen):
+    """`imgcls serve` freezes its start-up heap (server.freeze_heap), and the versions loaded at start-up are
+    in it. A frozen object caught in a reference cycle is never collected, so a retired version must not sit
+    in one: its runtime (the model's memory) has to go by reference counting alone, or every first hot
+    reload would leak the start-up version."""
+    import gc
+    import weakref
+
+    from imgcls.service.server import freeze_heap
+
+    try:
+        with running_server(repo) as server, client_for(server, retries=0) as client:
+            assert client.predict([IMAGE], model="tiny").version == 1
+            old = weakref.ref(server.models["tiny"][1])
+            runtime = weakref.ref(server.models["tiny"][1].batcher._runs[0].__self__)  # an instance's runtime
+            if frozen:
+                freeze_heap()
+            publish(repo, service_repo / "tiny" / "2", "tiny", 2)
+            assert server.reload().retired == [("tiny", 1)]
+            wait_for(lambda: not server._retiring, what="version 1 unloaded")
+            assert client.predict([IMAGE], model="tiny").version == 2
+            gc.collect()  # what a frozen heap never gets for its cycles; harmless when nothing is frozen
+            wait_for(lambda: old() is None and runtime() is None, timeout=5,
+                     what="the retired version and its runtime freed")
+    finally:
+        gc.unfreeze()
