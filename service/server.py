@@ -222,8 +222,8 @@ def freeze_heap() -> int:
     (`gc.freeze`); returns how many objects that was.
 
     A served process carries ~70,000 tracked objects from start-up (modules, runtimes, the gRPC and HTTP
-    servers) that live until it exits. Each full collection walked them all: 25-33 ms with the GIL held,
-    every ~12 s at 160 requests a second on 2 cores, during which the event loop could neither answer
+    servers) that live until it exits. Each full collection walked them all: 25-47 ms with the GIL held,
+    every 12-14 s at 160 requests a second on 2 cores, during which the event loop could neither answer
     health nor refuse a call. Frozen, a full collection walks only what serving created since: ~1 ms
     (docs/serving-core.md). The collection first leaves no garbage to freeze. A frozen object that later
     becomes unreachable is still freed by reference counting; only one caught in a reference cycle would
