@@ -11,6 +11,22 @@ Batching policy: the first queued image waits at most `max_queue_delay` for the 
 while images already admitted are still being decoded; with nothing on the way the batch runs at once,
 so a lone client pays no batching delay. Under load, images queue up while the previous batch runs.
 
+Shedding: a closed loop of clients holds a steady queue (each waits for its answer before it sends again),
+and the admission limit is sized so that a closed loop of up to `max_queue_size` single-image clients is never
+refused. An open-loop overload (arrivals that do not wait for answers) fills the queue to that limit instead,
+and then every admitted image waits for the whole limit's work: about half a second on 2 cores. So the first
+refusal at the full limit turns shedding on: the batcher then admits only the images it expects to compute
+within `overload_target`. Under sustained overload the admitted images then wait for the target's worth of
+work, not the limit's.
+
+Shedding ends after `SHED_QUIET` seconds without a refusal (the arrivals no longer outpace the model), and at
+the latest after a probe period: clients that retry what shedding refused (a closed loop of 8, a batch job)
+keep the refusals going although their demand fits the full limit, so only lifting the cap can tell them from
+an overload. An overload that persists refills the queue within a fraction of a second and shedding resumes,
+with the probe period doubled (1 s up to `SHED_PROBE_MAX`) so that each refill costs less. Not "until the queue
+runs empty": under overload it does, many times a second (the instances take everything queued and finish
+together), and ending there let the queue refill to the full limit every time.
+
 Instances (Triton's `instance_group` count): with several `run` callables, one thread per callable takes
 batches from the one queue, so a batch starts as soon as any instance is free. A lone image may instead run
 on the thread that queues it, in the first instance's place (`put`, `may_run`). On a small CPU, two
@@ -21,6 +37,7 @@ whichever of its threads a decode worker preempted (docs/scaling.md has the meas
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -33,9 +50,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+SHED_QUIET = 1.0  # seconds without a refusal that end shedding; also the first probe period
+SHED_PROBE_MAX = 32.0  # longest probe period: shedding ends at the latest this long after it began
+
 
 class QueueFull(Exception):
-    """The batcher already holds `max_queue_size` images (decoding, queued or in a running batch)."""
+    """The batcher already holds `max_queue_size` images (decoding, queued or in a running batch), or, while it
+    sheds load, the work its `overload_target` allows."""
 
 
 class DeadlineExceeded(Exception):
@@ -125,10 +146,13 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
         on_admitted: Callable[[int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
+        on_shedding: Callable[[bool], None] | None = None,
         solo: Callable[[np.ndarray], np.ndarray] | None = None,
+        overload_target: float = 0.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0 or overload_target < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay and "
+                             "overload_target >= 0")
         runs = list(run) if isinstance(run, Sequence) else [run]
         if not runs:
             raise ValueError("a batcher needs at least one run callable")
@@ -138,10 +162,18 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
+        self.name = name
         self._on_batch = on_batch or (lambda *_: None)
         self._on_depth = on_depth or (lambda _: None)  # images waiting: decoding or queued
         self._on_admitted = on_admitted or (lambda _: None)  # and those being computed: what the limit bounds
         self._on_expired = on_expired or (lambda _: None)
+        self._on_shedding = on_shedding or (lambda _: None)
+        self.overload_target = overload_target  # seconds of work admitted while shedding; 0: never shed
+        self.shedding = False  # guarded by _cond
+        self._refused_at = 0.0  # time.monotonic() of the last refusal for load, guarded by _cond
+        self._shed_until = 0.0  # while shedding: when the probe period ends it
+        self._shed_period = 0.0  # the current probe period (0: none yet)
+        self._shed_ended = -math.inf  # when shedding last ended
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
         self._pending = 0  # admitted images not yet taken into a batch (decoding or queued)
@@ -193,14 +225,27 @@ class Batcher:
         admitted image then waits for at most `max_queue_size` images' work, its own batch included; counting
         only the waiting ones let a request also wait behind a full batch on each instance (two batches of 32
         on 2 cores doubled the admitted p99 under overload, docs/overload.md). A request larger than the limit
-        is admitted only into an empty system, so every allowed request size can be served."""
+        is admitted only into an empty system, so every allowed request size can be served. A refusal at the
+        limit turns shedding on (the module's docstring says why); while it is on, a request is admitted only if
+        its images are expected to be computed within `overload_target`, or if they leave no more than one image
+        per instance in the system (a model slower than the target still computes on every instance)."""
         with self._cond:
             if self._stopping or self._closing:
                 raise ShuttingDown("the model is shutting down")
             held = self._pending + self._running
-            if held + n > self.max_queue_size and held > 0:
+            now = time.monotonic()
+            self._end_shedding_if_quiet(now)
+            if held > 0 and held + n > self.max_queue_size:
+                self._refused_at = now
+                if self.overload_target and not self.shedding:
+                    self._shed(True)
                 raise QueueFull(f"queue full ({held} of {self.max_queue_size} images admitted: {self._pending} "
                                 f"waiting, {self._running} being computed)")
+            if (held > 0 and self.shedding and held + n > self.instances
+                    and (expected := self.expected_done(n)) > self.overload_target):
+                self._refused_at = now
+                raise QueueFull(f"shedding load: {held} images admitted need about {expected * 1000:.0f} ms; "
+                                f"under overload at most {self.overload_target * 1000:.0f} ms of work is admitted")
             self._pending += n
             self._report()
         return Job(n, deadline, on_done)
@@ -305,7 +350,8 @@ class Batcher:
             while True:
                 while not self._stopping and not (self._closing and self._pending == 0) and (
                         not self._queue or self._busy < instance or (instance == 0 and self._inline)):
-                    self._cond.wait()
+                    self._cond.wait(self._shed_timeout())
+                    self._end_shedding_if_quiet(time.monotonic())
                 if self._stopping or not self._queue:
                     self._cond.notify_all()  # closing: the other instances see it too
                     return None
@@ -349,6 +395,36 @@ class Batcher:
         order and leave an idle model showing images that are long gone."""
         self._on_depth(self._pending)
         self._on_admitted(self._pending + self._running)
+        self._end_shedding_if_quiet(time.monotonic())
+
+    def _end_shedding_if_quiet(self, now: float) -> None:
+        if self.shedding and (now - self._refused_at >= SHED_QUIET or now >= self._shed_until):
+            self._shed(False, now)
+
+    def _shed_timeout(self) -> float | None:
+        """How long an idle batcher thread may sleep: while shedding, until it may end (the gauge with it)."""
+        if not self.shedding:
+            return None
+        return max(0.01, min(self._refused_at + SHED_QUIET, self._shed_until) - time.monotonic())
+
+    def _shed(self, on: bool, now: float | None = None) -> None:
+        """Turn shedding on (a refusal at the full limit) or off (quiet, or the probe period over); lock held."""
+        now = time.monotonic() if now is None else now
+        self.shedding = on
+        self._on_shedding(on)
+        if on:  # back within a probe period of the last end: the overload persists, probe half as often
+            again = now - self._shed_ended < max(SHED_QUIET, self._shed_period)
+            self._shed_period = min(SHED_PROBE_MAX, 2 * self._shed_period) if again else SHED_QUIET
+            self._shed_until = now + self._shed_period
+            log.warning("%s: overloaded (%d images admitted): admitting only what it computes in %.0f ms, for "
+                        "%.0f s at most", self.name, self.max_queue_size, self.overload_target * 1000,
+                        self._shed_period)
+        else:
+            self._shed_ended = now
+            quiet = now - self._refused_at >= SHED_QUIET
+            log.info("%s: %s; admitting up to %d images again", self.name,
+                     f"nothing refused for {SHED_QUIET:.0f} s" if quiet else "probing whether the overload is over",
+                     self.max_queue_size)
 
     def _loop(self, instance: int, run: Callable[[np.ndarray], np.ndarray]) -> None:
         if self.nice:

@@ -95,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _flag(serve, "--max-queue-delay-ms", "longest an image waits for its batch to fill", 2.0, type=float)
     _flag(serve, "--max-queue-size", "images admitted per model and not yet answered (decoding, queued or "
           "computing) before RESOURCE_EXHAUSTED: the admission limit, see docs/serving-core.md", 64, type=int)
+    _flag(serve, "--overload-target-ms", "once a model has refused a request at --max-queue-size, admit only the "
+          "images it expects to compute within this many ms, until it has refused nothing for a second or for "
+          "1-32 s at most (load shedding, docs/serving-core.md); 0 = off", 60.0, type=float)
     _flag(serve, "--max-images-per-request", "more is INVALID_ARGUMENT", 64, type=int)
     _flag(serve, "--max-message-bytes", "largest gRPC message, either direction", 64 * 1024 * 1024, type=int)
     _flag(serve, "--max-image-bytes", "largest encoded image", 32 * 1024 * 1024, type=int)
@@ -209,6 +212,7 @@ def serve_config(args: argparse.Namespace) -> tuple[Any, int]:
         max_concurrent_calls=args.max_concurrent_calls,
         instances=_count_or_auto(args.instances, "--instances"),
         max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+        overload_target_ms=args.overload_target_ms,
         max_queue_size=args.max_queue_size, max_images_per_request=args.max_images_per_request,
         max_message_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, default_top_k=args.default_top_k,

@@ -152,6 +152,10 @@ class Metrics:
         self.admitted_images = Gauge(
             "imgcls_admitted_images", "Images admitted and not yet answered (decoding, queued or in a running "
             "batch): what --max-queue-size bounds.", ["model"], registry=r, multiprocess_mode="livesum")
+        self.shedding = Gauge(
+            "imgcls_shedding", "1 while the model sheds load: after a refusal at --max-queue-size it admits only "
+            "--overload-target-ms of work, until it has refused nothing for a second or for 1-32 s at most.",
+            ["model"], registry=r, multiprocess_mode="livemax")
         self.inflight = Gauge("imgcls_inflight_requests", "Requests being handled.", ["method"], registry=r,
                               multiprocess_mode="livesum")
         self.model_loaded = Gauge(

@@ -69,6 +69,7 @@ class Settings(Protocol):
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
+    overload_target_ms: float
     grace_period: float
     verify_checksums: bool
 
@@ -280,6 +281,7 @@ class ModelManager:
             on_batch=self._batch_observer(name, fmt, stats), on_depth=m.queue_depth.labels(name).set,
             on_admitted=m.admitted_images.labels(name).set,
             on_expired=m.expired_images.labels(name).inc,
+            on_shedding=m.shedding.labels(name).set, overload_target=cfg.overload_target_ms / 1000,
         )
         batcher.observe(n, warm_seconds)  # a first cost estimate: the largest warm-up batch
         batcher.nice = self.nice

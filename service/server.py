@@ -103,6 +103,9 @@ class ServeConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 64  # images per model decoding, queued or computing (docs/serving-core.md)
+    # Load shedding: after a refusal at max_queue_size, admit only this many ms of expected work until the
+    # model has refused nothing for a second, or for 1-32 s at most (docs/serving-core.md); 0 = off.
+    overload_target_ms: float = 100.0
     max_images_per_request: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = DEFAULT_MAX_BYTES
@@ -150,8 +153,8 @@ class ServeConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ImgclsError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_queue_delay_ms < 0 or self.grace_period < 0:
-            raise ImgclsError("--max-queue-delay-ms and --grace-period must be >= 0")
+        if self.max_queue_delay_ms < 0 or self.grace_period < 0 or self.overload_target_ms < 0:
+            raise ImgclsError("--max-queue-delay-ms, --overload-target-ms and --grace-period must be >= 0")
         if self.max_connection_age < 0 or self.keepalive_time < 0 or (self.max_connection_age_grace or 0) < 0:
             raise ImgclsError("--max-connection-age, --max-connection-age-grace and --keepalive-time must be >= 0")
         if self.access_log_rate < 0:

@@ -143,6 +143,106 @@ def test_batcher_refuses_when_full_and_frees_slots_on_cancel_and_failure():
         batcher.stop()
 
 
+def test_a_refusal_at_the_limit_sheds_load_until_nothing_is_refused_for_a_while(monkeypatch):
+    """Below the limit nothing is refused, however long the queue; once a request is refused at the limit, the
+    batcher admits only what it computes within the overload target, until it has refused nothing for
+    SHED_QUIET seconds. Running empty does not end it: under overload the queue empties many times a second."""
+    from imgcls.service import batcher as batching
+
+    monkeypatch.setattr(batching, "SHED_QUIET", 0.3)
+    states: list[bool] = []
+    batcher = Batcher(lambda b: b, max_batch_size=1, max_queue_delay=0.0, max_queue_size=4, overload_target=0.25,
+                      on_shedding=states.append)
+    batcher.per_image = 0.1
+    jobs = [batcher.admit(1) for _ in range(4)]  # a closed loop of 4 clients: 0.4 s of work, never refused
+    assert not batcher.shedding and states == []
+    with pytest.raises(QueueFull, match="queue full"):
+        batcher.admit(1)
+    assert batcher.shedding and states == [True]
+    for job in jobs[:2]:
+        batcher.cancel(job)
+    with pytest.raises(QueueFull, match=r"shedding load: 2 images admitted need about 300 ms"):
+        batcher.admit(1)  # the full limit would admit it: 3 images, 0.3 s > 0.25 s
+    refused = time.monotonic()
+    batcher.cancel(jobs[2])
+    jobs[2:] = [jobs[3], batcher.admit(1)]  # 2 images, 0.2 s: within the target
+    for job in jobs[2:]:
+        batcher.cancel(job)
+    if time.monotonic() - refused < 0.25:  # (a slow machine may have let the quiet time pass already)
+        assert batcher.shedding and states == [True]  # empty, but it refused something 0.3 s ago at most
+    time.sleep(max(0.0, refused + 0.35 - time.monotonic()))
+    jobs = [batcher.admit(1) for _ in range(4)]  # the full limit again
+    assert not batcher.shedding and states == [True, False]
+    for job in jobs:
+        batcher.cancel(job)
+
+
+def test_retried_refusals_do_not_keep_shedding_on_past_its_probe_period(monkeypatch):
+    """Clients that retry what shedding refused keep the refusals going even when their demand fits the full
+    limit; shedding ends after its probe period anyway, and an overload that refills the queue at once
+    brings it back with the period doubled."""
+    from imgcls.service import batcher as batching
+
+    monkeypatch.setattr(batching, "SHED_QUIET", 0.2)
+    monkeypatch.setattr(batching, "SHED_PROBE_MAX", 0.8)
+    batcher = Batcher(lambda b: b, max_batch_size=1, max_queue_delay=0.0, max_queue_size=2, overload_target=0.05)
+    batcher.per_image = 1.0
+
+    def retry_until_admitted() -> float:
+        """Seconds of refusals, a retry every 20 ms, until a request is admitted."""
+        start = time.monotonic()
+        while True:
+            try:
+                jobs.append(batcher.admit(1))
+                return time.monotonic() - start
+            except QueueFull as exc:
+                assert "shedding load" in str(exc)
+                assert time.monotonic() - start < 5, "shedding never ended"
+                time.sleep(0.02)
+
+    jobs = [batcher.admit(1), batcher.admit(1)]
+    with pytest.raises(QueueFull, match="queue full"):
+        batcher.admit(1)  # shedding on, for 0.2 s at most
+    batcher.cancel(jobs.pop())
+    first = retry_until_admitted()
+    assert 0.15 <= first < 0.6 and not batcher.shedding
+    with pytest.raises(QueueFull, match="queue full"):
+        batcher.admit(1)  # the queue is full again right away: the overload persists, 0.4 s this time
+    batcher.cancel(jobs.pop())
+    second = retry_until_admitted()
+    assert 0.35 <= second < 1.0 and second > first
+    for job in jobs:
+        batcher.cancel(job)
+
+
+def test_while_shedding_a_model_slower_than_the_target_still_gets_an_image_per_instance():
+    batcher = Batcher([lambda b: b, lambda b: b], max_batch_size=1, max_queue_delay=0.0, max_queue_size=3,
+                      overload_target=0.05)
+    batcher.per_image = 1.0  # one image takes 20x the target
+    jobs = [batcher.admit(1) for _ in range(3)]
+    with pytest.raises(QueueFull, match="queue full"):
+        batcher.admit(1)
+    batcher.cancel(jobs[0])
+    with pytest.raises(QueueFull, match="shedding load"):
+        batcher.admit(1)  # a third image would wait for one of the two
+    batcher.cancel(jobs[1])
+    jobs = [jobs[2], batcher.admit(1)]  # one per instance: admitted, however slow
+    assert batcher.shedding
+    for job in jobs:
+        batcher.cancel(job)
+
+
+def test_without_an_overload_target_a_refusal_does_not_shed():
+    batcher = Batcher(lambda b: b, max_batch_size=1, max_queue_delay=0.0, max_queue_size=2)
+    batcher.per_image = 10.0
+    jobs = [batcher.admit(1) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        batcher.admit(1)
+    batcher.cancel(jobs[0])
+    batcher.cancel(batcher.admit(1))  # 20 s of work ahead, admitted: no target, no shedding
+    assert not batcher.shedding
+
+
 def test_batcher_drops_expired_images_before_compute():
     batcher, sizes = _echo_batcher()
     try:

@@ -157,6 +157,47 @@ def test_full_queue_refusal_carries_a_retry_hint_and_is_counted(gated):
     assert _total_requests(after) - before == 4  # every call made, once, whatever its outcome
 
 
+def test_after_a_refusal_at_the_limit_the_model_sheds_load_until_it_refuses_nothing_for_a_while(gated):
+    """An open-loop overload fills the queue to the limit and every admitted call would then wait for all of
+    it: once a call is refused at the limit, a call the full limit would admit is refused too unless its images
+    fit in --overload-target-ms, and `imgcls_shedding` says so, until nothing has been refused for a second
+    (an idle server too: its gauge goes back to 0 without a call)."""
+    server, gate = gated
+    gate.gate.clear()
+    model = server.models["tiny"][2]
+    for _ in range(30):  # a moving average: as if each image had taken 0.5 s for a while
+        model.batcher.observe(1, 0.5)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        def predict(image: bytes, timeout: float = 20):
+            return stub.Predict.future(pb.PredictRequest(model_name="tiny", images=[image]), timeout=timeout)
+
+        running = predict(IMAGES[0])
+        assert gate.entered.wait(5)
+        queued = [predict(image) for image in IMAGES[1:3]]
+        wait_for(lambda: model.batcher.depth == 2, what="two images queued")
+        assert metric(scrape(server), "imgcls_shedding", model="tiny") == 0  # a long queue alone is no overload
+        with pytest.raises(grpc.RpcError) as exc_info:
+            predict(IMAGES[3]).result()
+        assert exc_info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in exc_info.value.details()
+        assert metric(scrape(server), "imgcls_shedding", model="tiny") == 1
+        queued[1].cancel()  # a slot frees up, but 2 images ahead need ~1.5 s: more than the 100 ms target
+        wait_for(lambda: model.batcher.depth == 1, what="the cancelled image's slot to be freed")
+        with pytest.raises(grpc.RpcError) as exc_info:
+            predict(IMAGES[4]).result()
+        assert exc_info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "shedding load" in exc_info.value.details()
+        assert int(dict(exc_info.value.trailing_metadata())[RETRY_AFTER_KEY]) >= 10
+        gate.gate.set()
+        assert running.result().results[0].status.code == 0 and queued[0].result().results[0].status.code == 0
+        wait_for(lambda: metric(scrape(server), "imgcls_shedding", model="tiny") == 0, what="shedding to end")
+        assert predict(IMAGES[5]).result().results[0].status.code == 0
+        text = scrape(server)
+    assert metric(text, "imgcls_requests_total", method="Predict", model="tiny", version="2",
+                  code="RESOURCE_EXHAUSTED") == 2
+
+
 def test_a_deadline_the_queue_cannot_meet_is_refused_before_compute(gated):
     """Admission knows the per-image cost: with images queued ahead and too little time left, the request is
     refused DEADLINE_EXCEEDED at once instead of waiting in the queue to expire."""
