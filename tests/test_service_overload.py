@@ -49,6 +49,16 @@ def gated(service_repo):
         yield server, gate
 
 
+def _held_and_slow(gated):
+    """The gated server with its gate closed and its per-image cost estimate at 0.5 s; (server, gate, model)."""
+    server, gate = gated
+    gate.gate.clear()
+    model = server.models["tiny"][2]
+    for _ in range(30):  # a moving average: as if each image had taken 0.5 s for a while
+        model.batcher.observe(1, 0.5)
+    return server, gate, model
+
+
 def _idle_stream(channel: grpc.Channel, stop: threading.Event):
     """A PredictStream that sends nothing until `stop` is set."""
 
@@ -162,11 +172,7 @@ def test_after_a_refusal_at_the_limit_the_model_sheds_load_until_it_refuses_noth
     it: once a call is refused at the limit, a call the full limit would admit is refused too unless its images
     fit in --overload-target-ms, and `imgcls_shedding` says so, until nothing has been refused for a second
     (an idle server too: its gauge goes back to 0 without a call)."""
-    server, gate = gated
-    gate.gate.clear()
-    model = server.models["tiny"][2]
-    for _ in range(30):  # a moving average: as if each image had taken 0.5 s for a while
-        model.batcher.observe(1, 0.5)
+    server, gate, model = _held_and_slow(gated)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InferenceStub(channel)
 
@@ -201,11 +207,7 @@ def test_after_a_refusal_at_the_limit_the_model_sheds_load_until_it_refuses_noth
 def test_a_deadline_the_queue_cannot_meet_is_refused_before_compute(gated):
     """Admission knows the per-image cost: with images queued ahead and too little time left, the request is
     refused DEADLINE_EXCEEDED at once instead of waiting in the queue to expire."""
-    server, gate = gated
-    gate.gate.clear()
-    model = server.models["tiny"][2]
-    for _ in range(30):  # a moving average: as if each image had taken 0.5 s for a while
-        model.batcher.observe(1, 0.5)
+    server, gate, model = _held_and_slow(gated)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.InferenceStub(channel)
         running = stub.Predict.future(pb.PredictRequest(model_name="tiny", images=[IMAGES[0]]), timeout=20)
